@@ -1,0 +1,87 @@
+"""The ``casm`` command line. Each sub-command is a module in `consumers.commands` with
+``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args, settings) -> int``; every setting
+of the settings tree is also an option of every sub-command (``--section.name``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from consumers.cli_options import add_settings_options, settings_overrides
+from consumers.presets import available_presets, load_settings
+from consumers.settings import CasmSettings
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "evaluate",
+    "broker",
+    "replay",
+    "schemas",
+)
+
+log = logging.getLogger("casm")
+
+
+def _commands() -> list:
+    found = []
+    for name in COMMAND_MODULES:
+        try:
+            found.append(importlib.import_module(f"consumers.commands.{name}"))
+        except ModuleNotFoundError as exc:
+            if exc.name != f"consumers.commands.{name}":
+                raise
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="casm",
+        description="casm-stream: streaming multi-behaviour recommendation with CASM.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _commands():
+        cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        cmd.add_argument(
+            "--preset",
+            default=None,
+            help=f"settings preset: one of {available_presets()} or a .toml path",
+        )
+        module.add_arguments(cmd)
+        add_settings_options(cmd, CasmSettings)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kafka-python 3.x warns about its own deprecations on every client; not actionable for users.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"kafka(\.|$)")
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.preset, **settings_overrides(args, CasmSettings))
+    except (ValidationError, FileNotFoundError) as exc:
+        parser.exit(2, f"casm: invalid settings:\n{exc}\n")
+    configure_logging(settings.log_level)
+    try:
+        return int(args._module.run(args, settings) or 0)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
