@@ -124,3 +124,8 @@ class EvalConfig(_Section):
     min_train_events: int = Field(
         1, ge=1, description="A user needs this many events before the validation event to be evaluated."
     )
+    validation_behaviours: list[str] = Field(
+        default_factory=list,
+        description="Held-out test items only: validate on each user's last event of these "
+        "behaviours (empty: of any behaviour).",
+    )

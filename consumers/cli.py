@@ -72,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = load_settings(args.preset, **settings_overrides(args, CasmSettings))
+        preset = args.preset
+        if preset is None and hasattr(args._module, "default_preset"):
+            preset = args._module.default_preset(args)
+        settings = load_settings(preset, **settings_overrides(args, CasmSettings))
     except (ValidationError, FileNotFoundError) as exc:
         parser.exit(2, f"casm: invalid settings:\n{exc}\n")
     configure_logging(settings.log_level)

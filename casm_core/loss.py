@@ -1,0 +1,42 @@
+"""CASM's weighted binary cross-entropy.
+
+At every position t with a next event, the next event's item is the positive, weighted by
+alpha of that event's behaviour; each sampled negative weighs 1:
+
+    l_t = alpha_{b(t+1)} * -log(sigmoid(s+_t))  +  sum_j -log(1 - sigmoid(s-_{t,j}))
+
+and the loss is the mean of l_t over the positions that have a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class WeightedBCE:
+    """The loss of one batch: `loss` (scalar, differentiable) and `per_position` [B, W]
+    (detached; 0 where there is no target)."""
+
+    loss: torch.Tensor
+    per_position: torch.Tensor
+
+
+def weighted_bce(
+    positive_logits: torch.Tensor,
+    negative_logits: torch.Tensor,
+    positive_weight: torch.Tensor,
+    has_target: torch.Tensor,
+) -> WeightedBCE:
+    """positive_logits [B, W]; negative_logits [B, W, K]; positive_weight [B, W] (alpha of the
+    positive's behaviour); has_target bool [B, W]."""
+    # -log(sigmoid(x)) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), without overflow.
+    positive_term = F.softplus(-positive_logits) * positive_weight
+    negative_term = F.softplus(negative_logits).sum(dim=-1)
+    mask = has_target.to(positive_logits.dtype)
+    per_position = (positive_term + negative_term) * mask
+    loss = per_position.sum() / mask.sum().clamp(min=1.0)
+    return WeightedBCE(loss=loss, per_position=per_position.detach())

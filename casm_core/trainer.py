@@ -1,0 +1,319 @@
+"""Training CASM with the weighted BCE: offline (epochs, early stopping on validation) and the
+`fine_tune` step the live service calls on mini-batches of recent sequences.
+
+The trainer owns the model, its optimizer, the item vocabulary and the current alpha_b. The item
+table (and Adam's state for it) grows in place when new items arrive.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from casm_core.config import BehaviourConfig, ModelConfig, TrainConfig
+from casm_core.loss import weighted_bce
+from casm_core.model import CASM
+from casm_core.sampling import NegativeSampler, SequenceCorpus, TrainingBatch, training_batch
+from casm_core.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+Validator = Callable[[CASM], Mapping[str, float]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is cuda when available, else cpu; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class StepStats:
+    """What one or more optimisation steps saw: mean loss over target positions, the number of
+    positions, and the mean loss per target behaviour (by name)."""
+
+    loss: float
+    positions: int
+    loss_by_behaviour: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitReport:
+    """Outcome of offline training: epochs run, the best epoch and its validation metrics."""
+
+    epochs: int
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    stopped_early: bool
+    seconds: float = 0.0
+    sequences_per_second: float = 0.0
+
+
+class Trainer:
+    """Model + optimizer + vocabulary + alpha. `behaviours.names` fixes behaviour indices
+    (1-based in that order); `item_ids` the initial item vocabulary."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        behaviours: BehaviourConfig,
+        item_ids: Sequence[str] = (),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
+        self.behaviours = behaviours.model_copy(deep=True)
+        self.items = Vocabulary(item_ids)
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        torch.manual_seed(train_cfg.seed)
+        self.rng = np.random.default_rng(train_cfg.seed)
+        self.model = CASM(model_cfg, len(self.items), len(self.behaviours.names)).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(),
+            lr=train_cfg.learning_rate,
+            betas=train_cfg.adam_betas,
+            weight_decay=train_cfg.weight_decay,
+        )
+        self._popularity: np.ndarray | None = None
+        self.sampler = NegativeSampler(len(self.items))
+        self.steps = 0
+
+    # ----------------------------------------------------------------------------- alpha
+    @property
+    def alpha(self) -> dict[str, float]:
+        """Current alpha_b of every behaviour in the vocabulary."""
+        return {name: self.behaviours.alpha_of(name) for name in self.behaviours.names}
+
+    def set_alpha(self, alpha: Mapping[str, float]) -> dict[str, float]:
+        """Change alpha_b of the named behaviours from the next step on; returns the old alpha."""
+        old = self.alpha
+        unknown = set(alpha) - set(self.behaviours.names)
+        if unknown:
+            raise ValueError(f"unknown behaviours in alpha: {sorted(unknown)}")
+        if any(value < 0 or not math.isfinite(value) for value in alpha.values()):
+            raise ValueError(f"alpha must be finite and >= 0: {dict(alpha)}")
+        self.behaviours.alpha = {**self.behaviours.alpha, **{k: float(v) for k, v in alpha.items()}}
+        return old
+
+    def _alpha_vector(self) -> torch.Tensor:
+        """alpha by behaviour index, [num_behaviours + 1], 0 for padding."""
+        values = [0.0] + [self.behaviours.alpha_of(name) for name in self.behaviours.names]
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    # ------------------------------------------------------------------------ vocabulary
+    def add_behaviours(self, names: Sequence[str]) -> None:
+        """Append behaviours (an open vocabulary) and grow the context table for them."""
+        new = [n for n in names if n not in self.behaviours.names]
+        if new:
+            self.behaviours.names = [*self.behaviours.names, *new]
+            self.grow()
+
+    def add_items(self, external_ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """Indices of `external_ids`, adding new ones to the vocabulary and the model."""
+        codes = self.items.add(external_ids)
+        self.grow()
+        return codes
+
+    def grow(self) -> bool:
+        """Make the model hold every item of the vocabulary and every behaviour; the optimizer's
+        state for grown tables is kept (zeros for new rows). True when a table grew."""
+        num_items = len(self.items)
+        replaced = self.model.grow(num_items, len(self.behaviours.names))
+        for old, new in replaced:
+            self._replace_in_optimizer(old, new)
+        if self.sampler.num_items != num_items:
+            self.sampler = NegativeSampler(
+                num_items, self._popularity, self.train_cfg.popularity_exponent
+            ) if self._popularity is not None else NegativeSampler(num_items)
+        return bool(replaced)
+
+    def _replace_in_optimizer(self, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+        for group in self.optimizer.param_groups:
+            for i, param in enumerate(group["params"]):
+                if param is old:
+                    group["params"][i] = new
+        state = self.optimizer.state.pop(old, None)
+        if state:
+            extra = new.shape[0] - old.shape[0]
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == old.shape:
+                    state[key] = torch.cat([value, value.new_zeros((extra, *value.shape[1:]))])
+            self.optimizer.state[new] = state
+
+    def set_popularity(self, counts: np.ndarray) -> None:
+        """Item counts [num_items + 1] for the popularity negative sampler (ignored when uniform)."""
+        if self.train_cfg.negative_sampler == "popularity":
+            self._popularity = np.asarray(counts, dtype=np.float64)
+            self.sampler = NegativeSampler(len(self.items), self._popularity, self.train_cfg.popularity_exponent)
+
+    # -------------------------------------------------------------------------- training
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(array, dtype=torch.int64, device=self.device)
+
+    def step(self, batch: TrainingBatch) -> StepStats:
+        """One optimisation step of the weighted BCE on `batch`."""
+        self.model.train()
+        input_items = self._tensor(batch.input_items)
+        target_items = self._tensor(batch.target_items)
+        target_behaviours = self._tensor(batch.target_behaviours)
+        hidden = self.model.encode(input_items, self._tensor(batch.input_behaviours))  # [B, W, d]
+        # Positive and negatives share the positive event's behaviour as their context.
+        positive = self.model.embed(target_items, target_behaviours)
+        negative_items = self._tensor(batch.negatives)
+        negative = self.model.embed(
+            negative_items, target_behaviours.unsqueeze(-1).expand_as(negative_items)
+        )
+        positive_logits = (hidden * positive).sum(-1)
+        negative_logits = (hidden.unsqueeze(2) * negative).sum(-1)
+        has_target = self._tensor(batch.has_target).bool()
+        weights = self._alpha_vector()[target_behaviours]
+        result = weighted_bce(positive_logits, negative_logits, weights, has_target)
+        self.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        if self.train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
+        self.optimizer.step()
+        self.steps += 1
+        return self._stats(result.per_position, target_behaviours, has_target, result.loss.item())
+
+    def _stats(
+        self, per_position: torch.Tensor, behaviours: torch.Tensor, has_target: torch.Tensor, loss: float
+    ) -> StepStats:
+        size = len(self.behaviours.names) + 1
+        picked = behaviours[has_target]
+        sums = torch.bincount(picked, weights=per_position[has_target], minlength=size).cpu().numpy()
+        counts = torch.bincount(picked, minlength=size).cpu().numpy()
+        by_behaviour = {
+            name: float(sums[i + 1] / counts[i + 1])
+            for i, name in enumerate(self.behaviours.names)
+            if counts[i + 1] > 0
+        }
+        return StepStats(loss=loss, positions=int(counts.sum()), loss_by_behaviour=by_behaviour)
+
+    def _batch(self, corpus: SequenceCorpus, users: np.ndarray) -> TrainingBatch:
+        lengths = corpus.lengths[users]
+        if self.train_cfg.window == "random":
+            ends = self.rng.integers(2, lengths + 1)
+        else:
+            ends = lengths
+        items, behaviours = corpus.windows(users, ends, self.model_cfg.max_len + 1)
+        excluded = corpus.item_keys(users, self.sampler.num_items + 1)
+        return training_batch(items, behaviours, excluded, self.sampler, self.train_cfg.num_negatives, self.rng)
+
+    def _check_known(self, items: np.ndarray) -> None:
+        largest = int(items.max(initial=0))
+        if largest > len(self.items):
+            raise ValueError(
+                f"item index {largest} is beyond the vocabulary ({len(self.items)} items): "
+                "add the new items (add_items) before training on them"
+            )
+
+    def fine_tune(self, items: np.ndarray, behaviours: np.ndarray, steps: int = 1) -> StepStats:
+        """`steps` optimisation steps on left-padded sequences items/behaviours [n, N] (e.g. a
+        sample from the state store), `batch_size` rows per step. Negatives avoid each row's own
+        items. Returns the mean statistics over the steps."""
+        corpus = SequenceCorpus.from_padded(items, behaviours)
+        eligible = np.flatnonzero(corpus.lengths >= 2)
+        if eligible.size == 0:
+            return StepStats(loss=float("nan"), positions=0)
+        self._check_known(items)
+        self.grow()
+        collected = []
+        for _ in range(steps):
+            take = self.rng.choice(eligible, size=min(self.train_cfg.batch_size, eligible.size), replace=False)
+            collected.append(self.step(self._batch(corpus, take)))
+        return _mean_stats(collected)
+
+    def fit(
+        self,
+        corpus: SequenceCorpus,
+        validate: Validator | None = None,
+        progress: bool = True,
+        description: str = "train",
+    ) -> FitReport:
+        """Train on every user of `corpus` with >= 2 events for up to max_epochs, validating every
+        `validate_every` epochs and stopping after `patience` validations without improvement of
+        `early_stopping_metric`; the best weights are restored at the end."""
+        cfg = self.train_cfg
+        self._check_known(corpus.items)
+        self.grow()
+        if cfg.negative_sampler == "popularity":
+            self.set_popularity(np.bincount(corpus.items, minlength=len(self.items) + 1))
+        users = np.flatnonzero(corpus.lengths >= 2)
+        if users.size == 0:
+            raise ValueError("no user has the two events a training sequence needs")
+        history: list[dict[str, float]] = []
+        best_metric, best_epoch, best_metrics, best_state = -math.inf, 0, {}, None
+        stale = 0
+        started = time.perf_counter()
+        sequences = 0
+        bar = tqdm(range(1, cfg.max_epochs + 1), desc=description, disable=not progress, unit="epoch")
+        epoch = 0
+        for epoch in bar:
+            order = self.rng.permutation(users)
+            losses = []
+            for start in range(0, order.size, cfg.batch_size):
+                stats = self.step(self._batch(corpus, order[start : start + cfg.batch_size]))
+                losses.append(stats.loss)
+            sequences += order.size
+            record: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses))}
+            if validate is not None and epoch % cfg.validate_every == 0:
+                metrics = dict(validate(self.model))
+                record.update({f"val.{k}": v for k, v in metrics.items()})
+                current = metrics[cfg.early_stopping_metric]
+                if current > best_metric:
+                    best_metric, best_epoch, best_metrics = current, epoch, metrics
+                    best_state = copy.deepcopy(self.model.state_dict())
+                    stale = 0
+                else:
+                    stale += 1
+                bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{current:.4f}", best=f"{best_metric:.4f}")
+                log.info(
+                    "%s epoch %d: loss %.4f, validation %s %.4f (best %.4f at epoch %d)",
+                    description, epoch, record["loss"], cfg.early_stopping_metric, current, best_metric, best_epoch,
+                )
+            else:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            history.append(record)
+            log.debug("epoch %d: %s", epoch, record)
+            if stale >= cfg.patience:
+                break
+        bar.close()
+        seconds = time.perf_counter() - started
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        else:
+            best_epoch = epoch
+        return FitReport(
+            epochs=epoch,
+            best_epoch=best_epoch,
+            best_metrics=best_metrics,
+            history=history,
+            stopped_early=stale >= cfg.patience,
+            seconds=seconds,
+            sequences_per_second=sequences / seconds if seconds > 0 else 0.0,
+        )
+
+
+def _mean_stats(collected: list[StepStats]) -> StepStats:
+    positions = sum(s.positions for s in collected)
+    if positions == 0:
+        return StepStats(loss=float("nan"), positions=0)
+    loss = sum(s.loss * s.positions for s in collected) / positions
+    names = {name for s in collected for name in s.loss_by_behaviour}
+    by_behaviour = {
+        name: float(np.mean([s.loss_by_behaviour[name] for s in collected if name in s.loss_by_behaviour]))
+        for name in names
+    }
+    return StepStats(loss=loss, positions=positions, loss_by_behaviour=by_behaviour)

@@ -1,0 +1,164 @@
+"""Weighted BCE by hand, alpha's effect on gradients, vocabulary growth in training, fine-tuning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from casm_core.config import BehaviourConfig, ModelConfig, TrainConfig
+from casm_core.loss import weighted_bce
+from casm_core.sampling import SequenceCorpus, TrainingBatch
+from casm_core.trainer import Trainer
+
+BEHAVIOURS = BehaviourConfig(names=["pv", "cart", "buy"], target="buy", alpha={"pv": 0.25, "cart": 0.5, "buy": 1.0})
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_weighted_bce_equals_hand_computation() -> None:
+    pos = torch.tensor([[0.5, -1.0, 2.0]])
+    neg = torch.tensor([[[0.1, -0.3], [1.5, 0.0], [0.2, 0.2]]])
+    weight = torch.tensor([[0.2, 1.0, 0.7]])
+    has_target = torch.tensor([[True, True, False]])
+    expected_terms = []
+    for t in range(2):
+        term = -weight[0, t].item() * math.log(sigmoid(pos[0, t].item()))
+        term += sum(-math.log(1 - sigmoid(v)) for v in neg[0, t].tolist())
+        expected_terms.append(term)
+    result = weighted_bce(pos, neg, weight, has_target)
+    assert result.loss.item() == pytest.approx(sum(expected_terms) / 2, rel=1e-6)
+    assert result.per_position[0, 2].item() == 0.0
+    assert result.per_position[0, :2].tolist() == pytest.approx(expected_terms, rel=1e-6)
+
+
+def test_weighted_bce_is_stable_for_large_logits() -> None:
+    result = weighted_bce(
+        torch.tensor([[-200.0]]), torch.tensor([[[200.0]]]), torch.tensor([[1.0]]), torch.tensor([[True]])
+    )
+    assert result.loss.item() == pytest.approx(400.0)
+
+
+def make_trainer(**train) -> Trainer:
+    cfg = ModelConfig(hidden_dim=16, context_dim=8, num_heads=1, ffn_dim=16, max_len=6, dropout=0.0)
+    return Trainer(cfg, TrainConfig(seed=3, batch_size=4, **train), BEHAVIOURS, item_ids=[f"i{i}" for i in range(20)])
+
+
+def fixed_batch() -> TrainingBatch:
+    # One sequence whose only target position predicts item 5 with behaviour `cart` (index 2).
+    return TrainingBatch(
+        input_items=np.array([[0, 0, 0, 0, 3, 4]]),
+        input_behaviours=np.array([[0, 0, 0, 0, 1, 1]]),
+        target_items=np.array([[0, 0, 0, 0, 0, 5]]),
+        target_behaviours=np.array([[0, 0, 0, 0, 0, 2]]),
+        negatives=np.array([[[9]] * 6]),
+    )
+
+
+def item_gradients(trainer: Trainer, alpha_cart: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients on the positive (5) and the negative (9) item embedding rows after one loss
+    evaluation, weights left unchanged."""
+    trainer.set_alpha({"cart": alpha_cart})
+    trainer.model.zero_grad()
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    optimizer_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda: None  # keep the weights, look at the gradient only
+    try:
+        trainer.step(fixed_batch())
+    finally:
+        trainer.optimizer.step = optimizer_step
+    trainer.model.load_state_dict(state)
+    grad = trainer.model.item_embedding.weight.grad
+    return grad[5].clone(), grad[9].clone()
+
+
+def test_alpha_scales_the_positive_gradient() -> None:
+    trainer = make_trainer(grad_clip=0.0)
+    positive1, negative1 = item_gradients(trainer, 1.0)
+    positive3, negative3 = item_gradients(trainer, 3.0)
+    positive0, _ = item_gradients(trainer, 0.0)
+    assert torch.linalg.norm(positive1) > 0
+    torch.testing.assert_close(positive3, 3.0 * positive1)
+    assert torch.count_nonzero(positive0) == 0
+    # Negatives weigh 1 whatever alpha is.
+    torch.testing.assert_close(negative3, negative1)
+
+
+def test_set_alpha_validates_and_reports_old_values() -> None:
+    trainer = make_trainer()
+    old = trainer.set_alpha({"pv": 0.9})
+    assert old["pv"] == 0.25 and trainer.alpha["pv"] == 0.9
+    with pytest.raises(ValueError, match="unknown"):
+        trainer.set_alpha({"click": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        trainer.set_alpha({"pv": -1.0})
+
+
+def sequences(num_users: int, length: int, num_items: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, num_items + 1, (num_users, length)), rng.integers(1, 4, (num_users, length))
+
+
+def test_fine_tune_reduces_loss_and_reports_per_behaviour() -> None:
+    trainer = make_trainer(learning_rate=5e-3)
+    items, behaviours = sequences(8, 7, 20, seed=1)
+    first = trainer.fine_tune(items, behaviours, steps=1)
+    for _ in range(60):
+        last = trainer.fine_tune(items, behaviours, steps=1)
+    assert last.loss < first.loss
+    assert set(last.loss_by_behaviour) <= {"pv", "cart", "buy"} and last.positions > 0
+
+
+def test_new_items_grow_the_model_and_keep_old_rows_and_optimizer_state() -> None:
+    trainer = make_trainer(window="last")
+    items, behaviours = sequences(8, 7, 20, seed=2)
+    trainer.fine_tune(items, behaviours, steps=2)
+    old_rows = trainer.model.item_embedding.weight.detach().clone()
+    old_state = trainer.optimizer.state[trainer.model.item_embedding.weight]["exp_avg"].clone()
+    with pytest.raises(ValueError, match="vocabulary"):
+        trainer.fine_tune(items + 5, behaviours)
+    codes = trainer.add_items(["i3", "new-a", "new-b"])
+    assert codes.tolist() == [4, 21, 22]
+    weight = trainer.model.item_embedding.weight
+    assert weight.shape[0] == 23
+    torch.testing.assert_close(weight[:21].detach(), old_rows)
+    state = trainer.optimizer.state[weight]
+    torch.testing.assert_close(state["exp_avg"][:21], old_state)
+    assert torch.count_nonzero(state["exp_avg"][21:]) == 0
+    assert any(p is weight for p in trainer.optimizer.param_groups[0]["params"])
+    items[:, -1] = 22  # the new item is every row's newest event, so it is a positive
+    new_row = weight[22].detach().clone()
+    stats = trainer.fine_tune(items, behaviours, steps=1)
+    assert math.isfinite(stats.loss)
+    assert not torch.allclose(trainer.model.item_embedding.weight[22].detach(), new_row)
+
+
+def test_training_is_seeded() -> None:
+    items, behaviours = sequences(8, 7, 20, seed=4)
+    losses = []
+    for _ in range(2):
+        trainer = make_trainer()
+        losses.append([trainer.fine_tune(items, behaviours).loss for _ in range(5)])
+    assert losses[0] == losses[1]
+
+
+def test_fit_stops_early_and_restores_the_best_epoch() -> None:
+    trainer = make_trainer(max_epochs=50, patience=2, validate_every=1)
+    items, behaviours = sequences(16, 7, 20, seed=5)
+    corpus = SequenceCorpus.from_padded(items, behaviours)
+    scores = iter([0.1, 0.5, 0.4, 0.3, 0.2, 0.1] + [0.0] * 50)
+    snapshots = {}
+
+    def validate(model) -> dict[str, float]:
+        value = next(scores)
+        snapshots[value] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"sampled.ndcg@10": value}
+
+    report = trainer.fit(corpus, validate, progress=False)
+    assert report.best_epoch == 2 and report.epochs == 4 and report.stopped_early
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[0.5][key])
