@@ -102,7 +102,7 @@ class TrainConfig(_Section):
     )
     max_epochs: int = Field(200, ge=1, description="Upper bound on offline epochs.")
     patience: int = Field(
-        5, ge=1, description="Stop after this many validations without improvement (offline)."
+        8, ge=1, description="Stop after this many validations without improvement (offline)."
     )
     validate_every: int = Field(2, ge=1, description="Epochs between validations (offline).")
     early_stopping_metric: str = Field(

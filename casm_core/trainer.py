@@ -125,6 +125,27 @@ class Trainer:
         self.grow()
         return codes
 
+    def reindex_items(self, external_ids: Sequence[str]) -> int:
+        """Adopt another vocabulary order (e.g. the state store's): item index i+1 becomes
+        ``external_ids[i]``. Known items keep their embedding rows (moved), new ones get fresh rows;
+        Adam's state for the item table is reset. Returns how many items were known."""
+        old_codes = self.items.lookup(list(external_ids))
+        old_weight = self.model.item_embedding.weight
+        new_vocab = Vocabulary(external_ids)
+        rows = torch.empty(new_vocab.table_size, old_weight.shape[1], device=old_weight.device)
+        torch.nn.init.normal_(rows, std=self.model_cfg.init_std)
+        rows[0] = 0.0
+        known = torch.as_tensor(np.flatnonzero(old_codes) + 1, device=old_weight.device)
+        rows[known] = old_weight.detach()[torch.as_tensor(old_codes[old_codes > 0], device=old_weight.device)]
+        new_weight = torch.nn.Parameter(rows)
+        self.model.item_embedding.weight = new_weight
+        self.model.item_embedding.num_embeddings = new_vocab.table_size
+        self._replace_in_optimizer(old_weight, new_weight, keep_state=False)
+        self.items = new_vocab
+        self.sampler = NegativeSampler(len(self.items))
+        self._popularity = None
+        return int(known.numel())
+
     def grow(self) -> bool:
         """Make the model hold every item of the vocabulary and every behaviour; the optimizer's
         state for grown tables is kept (zeros for new rows). True when a table grew."""
@@ -138,13 +159,17 @@ class Trainer:
             ) if self._popularity is not None else NegativeSampler(num_items)
         return bool(replaced)
 
-    def _replace_in_optimizer(self, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+    def _replace_in_optimizer(
+        self, old: torch.nn.Parameter, new: torch.nn.Parameter, keep_state: bool = True
+    ) -> None:
+        """Point the optimizer at `new` instead of `old`; with keep_state, carry Adam's moments
+        over (zeros for the added rows)."""
         for group in self.optimizer.param_groups:
             for i, param in enumerate(group["params"]):
                 if param is old:
                     group["params"][i] = new
         state = self.optimizer.state.pop(old, None)
-        if state:
+        if state and keep_state:
             extra = new.shape[0] - old.shape[0]
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == old.shape:

@@ -18,6 +18,8 @@ from consumers.presets import available_presets, load_settings
 from consumers.settings import CasmSettings
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "demo",
+    "serve",
     "evaluate",
     "broker",
     "replay",
@@ -65,7 +67,8 @@ def configure_logging(level: str) -> None:
     )
     # kafka-python 3.x warns about its own deprecations on every client; not actionable for users.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"kafka(\.|$)")
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, getattr(logging, level)))
+    # kafka-python logs its own internals (slow selector tasks, reconnects) as warnings; errors stay.
+    logging.getLogger("kafka").setLevel(max(logging.ERROR, getattr(logging, level)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,12 +12,88 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from casm_core.config import BehaviourConfig, EvalConfig, ModelConfig, TrainConfig
 from state.config import StoreConfig
-from stream.config import BrokerConfig, EventLimits, KafkaConfig, TopicsConfig
+from stream.config import BrokerConfig, EventLimits, KafkaConfig, SyntheticConfig, TopicsConfig
+
+
+class ServeConfig(BaseModel):
+    """The live service `casm serve`: batching, refresh, fine-tuning, checkpoints, telemetry."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    poll_timeout_ms: int = Field(50, ge=1, description="Longest wait of one consumer poll.")
+    top_k: int = Field(10, ge=1, description="Items K per published recommendation.")
+    exclude_behaviours: list[str] = Field(
+        default_factory=list,
+        description="Never recommend items the user already acted on with these behaviours "
+        "(within the stored sequence), e.g. ['buy'].",
+    )
+    popularity_behaviours: list[str] = Field(
+        default_factory=list,
+        description="Behaviours counted for the popularity fallback (empty: all).",
+    )
+    published_record_every_s: float = Field(
+        1.0, gt=0, description="Write the users' last published recommendations to the store this often."
+    )
+    popularity_refresh_s: float = Field(5.0, gt=0, description="Recompute the popularity fallback this often.")
+    refresh_max_users: int = Field(256, ge=1, description="Users scored per refresh micro-batch at most.")
+    refresh_max_delay_ms: int = Field(
+        50, ge=0, description="Refresh touched users at the latest this long after their event was applied."
+    )
+    fine_tune_every_events: int = Field(
+        5_000, ge=1, description="Start a fine-tuning round after this many newly applied events ..."
+    )
+    fine_tune_every_s: float = Field(
+        30.0, gt=0, description="... or after this many seconds with at least min_events_to_train new events."
+    )
+    min_events_to_train: int = Field(
+        200, ge=1, description="Applied events (in total) before the first round, and new ones per timed round."
+    )
+    fine_tune_sample_users: int = Field(
+        2_048, ge=1, description="Users' sequences sampled from the store per round."
+    )
+    fine_tune_steps: int = Field(16, ge=1, description="Optimisation steps per round (train.batch_size rows each).")
+    trainer_threads: int = Field(1, ge=0, description="torch threads of the trainer process (0: torch default).")
+    scoring_threads: int = Field(1, ge=0, description="torch threads of the serving process (0: torch default).")
+    checkpoint_dir: Path = Field(Path("var/checkpoints"), description="Where model checkpoints are written.")
+    keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    initial_checkpoint: Path | None = Field(
+        None, description="Offline-trained checkpoint to start from when the store has no model yet."
+    )
+    worker_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer process to answer.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics and /healthz server.")
+    metrics_port: int | None = Field(9464, ge=0, le=65535, description="Its port (0: a free one; None: off).")
+    metrics_rate_window_s: float = Field(10.0, gt=0, description="Window of the events/s gauge.")
+    health_max_poll_age_s: float = Field(30.0, gt=0, description="/healthz fails when the loop has not polled for this long.")
+
+
+class LiveConfig(BaseModel):
+    """Running the production path end to end (`casm demo`, `casm evaluate-stream`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    runs_dir: Path = Field(Path("runs"), description="Where each run's folder (state, log, report) is made.")
+    demo_events: int = Field(40_000, ge=1, description="Synthetic events `casm demo` replays by default.")
+    demo_rate: str = Field("2000/s", description="Replay pace of `casm demo` by default (events/s).")
+    grace_ms: int = Field(
+        2_000, ge=0, description="Hold target events this long before scoring them against what the "
+        "user had been sent (recommendations may arrive a little after events)."
+    )
+    start_timeout_s: float = Field(180.0, gt=0, description="Longest wait for `casm serve` to get its partitions.")
+    stop_timeout_s: float = Field(180.0, gt=0, description="Longest wait for `casm serve` to stop cleanly.")
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="After the replay, longest wait for every user's newest event to be reflected."
+    )
+    sample_every_s: float = Field(1.0, gt=0, description="Progress display and timeline sampling period.")
+    freshness_edges_ms: list[float] = Field(
+        default_factory=lambda: [0, 50, 100, 200, 500, 1000, 2000, 5000],
+        description="Bin edges (ms) of the freshness histogram in reports.",
+    )
+    rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
 
 
 class CasmSettings(BaseSettings):
@@ -48,3 +124,6 @@ class CasmSettings(BaseSettings):
     topics: TopicsConfig = Field(default_factory=TopicsConfig)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     events: EventLimits = Field(default_factory=EventLimits)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    live: LiveConfig = Field(default_factory=LiveConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

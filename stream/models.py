@@ -194,6 +194,13 @@ class Recommendation(_Model):
     event_offset: int | None = Field(
         None, ge=0, description="Offset of that event itself in its partition (not the next one to read)."
     )
+    event_produced_ms: int | None = Field(
+        None, ge=0, description="Kafka record time (unix ms) of that event: freshness is measured from it."
+    )
+    source: Literal["model", "popularity"] = Field(
+        "model", description="'model': scored by CASM for this user; 'popularity': the most popular items "
+        "(no usable history or no trained model yet)."
+    )
 
 
 def _b64_in(value: Any) -> Any:

@@ -162,3 +162,21 @@ def test_fit_stops_early_and_restores_the_best_epoch() -> None:
     assert report.best_epoch == 2 and report.epochs == 4 and report.stopped_early
     for key, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, snapshots[0.5][key])
+
+
+def test_reindex_items_moves_known_rows_to_the_new_order() -> None:
+    trainer = make_trainer()
+    items, behaviours = sequences(8, 7, 20, seed=6)
+    trainer.fine_tune(items, behaviours, steps=2)
+    before = {name: trainer.model.item_embedding.weight[code].detach().clone()
+              for name, code in zip(["i0", "i7", "i19"], [1, 8, 20], strict=True)}
+    known = trainer.reindex_items(["new", "i19", "i0", "i7"])
+    assert known == 3 and trainer.items.ids() == ["new", "i19", "i0", "i7"]
+    weight = trainer.model.item_embedding.weight
+    assert weight.shape[0] == 5
+    torch.testing.assert_close(weight[2].detach(), before["i19"])
+    torch.testing.assert_close(weight[3].detach(), before["i0"])
+    torch.testing.assert_close(weight[4].detach(), before["i7"])
+    assert torch.count_nonzero(weight[0]) == 0
+    stats = trainer.fine_tune(np.array([[1, 2, 3, 4]]), np.array([[1, 2, 3, 1]]))
+    assert math.isfinite(stats.loss)

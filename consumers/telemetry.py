@@ -1,0 +1,135 @@
+"""Health and metrics of `casm serve` in the Prometheus text format, on a loopback HTTP port.
+
+``GET /metrics`` serves the metrics, ``GET /healthz`` a JSON status (200 when the loop polled
+recently, 503 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    """The service's metrics in their own registry (several services can share a process)."""
+
+    def __init__(self, rate_window_s: float) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter("casm_events_applied", "Behaviour events applied to the state store", registry=r)
+        self.duplicates = Counter("casm_events_duplicate", "Redelivered events dropped as duplicates", registry=r)
+        self.dead_letters = Counter(
+            "casm_dead_letters", "Malformed messages sent to the dead-letter topic", ["kind"], registry=r
+        )
+        self.events_per_second = Gauge(
+            "casm_events_per_second", "Applied events per second over the rate window", registry=r
+        )
+        self.lag = Gauge("casm_consumer_lag", "High watermark minus position", ["topic", "partition"], registry=r)
+        self.published = Counter("casm_recommendations_published", "Recommendations published", ["source"], registry=r)
+        self.refresh_latency = Histogram(
+            "casm_refresh_latency_seconds",
+            "From a user's first unpublished event being applied to their recommendation being sent",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.freshness = Histogram(
+            "casm_freshness_seconds",
+            "From the event's produce time (Kafka record timestamp) to its recommendation being sent",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "casm_ingest_batch_seconds", "Decode + validate + apply time of one polled batch",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.model_version = Gauge("casm_model_version", "Version of the model used for scoring", registry=r)
+        self.fine_tunes = Counter("casm_fine_tunes", "Fine-tuning rounds finished", registry=r)
+        self.fine_tune_seconds = Histogram(
+            "casm_fine_tune_seconds", "Duration of a fine-tuning round in the trainer",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.train_loss = Gauge("casm_train_loss", "Weighted BCE of the last fine-tuning round", registry=r)
+        self.train_loss_by_behaviour = Gauge(
+            "casm_train_loss_by_behaviour", "Mean loss at positions whose target has this behaviour",
+            ["behaviour"], registry=r,
+        )
+        self.alpha = Gauge("casm_alpha", "Current alpha_b of the weighted BCE", ["behaviour"], registry=r)
+        self.alpha_changes = Counter("casm_alpha_changes", "Changes of alpha_b", ["behaviour"], registry=r)
+        self.drifts = Counter(
+            "casm_drift_detections", "Drift detections", ["behaviour", "signal", "detector"], registry=r
+        )
+        self._window_s = rate_window_s
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def count_applied(self, n: int, now: float | None = None) -> None:
+        """Record `n` applied events and update the events/s gauge."""
+        now = time.monotonic() if now is None else now
+        self.events.inc(n)
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - self._window_s:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1e-9) if len(self._recent) > 1 else self._window_s
+        self.events_per_second.set(sum(c for _, c in self._recent) / max(span, 1e-3))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TelemetryServer:
+    """HTTP server on its own thread: /metrics and /healthz."""
+
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        health: Callable[[], tuple[bool, dict[str, Any]]],
+        host: str,
+        port: int,
+    ) -> None:
+        metrics_ref, health_ref = metrics, health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.startswith("/metrics"):
+                    body, status, ctype = metrics_ref.render(), 200, CONTENT_TYPE_LATEST
+                elif self.path.startswith("/healthz"):
+                    ok, details = health_ref()
+                    body, status, ctype = json.dumps(details).encode(), 200 if ok else 503, "application/json"
+                else:
+                    body, status, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("telemetry: " + format, *args)
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="casm-telemetry", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> TelemetryServer:
+        self._thread.start()
+        log.info("metrics at %s/metrics, health at %s/healthz", self.address, self.address)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,161 @@
+"""`casm serve` end to end on the test broker: recommendations reflect each user's newest event,
+fine-tuning moves a user's ranking towards the cluster their events point at, new items become
+recommendable after the next fine-tune."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from casm_core.model import CASM
+from casm_core.scoring import Scorer
+from consumers.service import Service
+from consumers.settings import CasmSettings
+from stream.clients import make_producer, read_topic
+from stream.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+def service_settings(tmp_path: Path, kafka_config, topic_names, **serve) -> CasmSettings:
+    return CasmSettings(
+        kafka=kafka_config,
+        topics=topic_names,
+        store={"path": tmp_path / "state.duckdb", "sequence_length": 11},
+        model={"hidden_dim": 16, "context_dim": 8, "ffn_dim": 16, "max_len": 10, "dropout": 0.0},
+        train={"batch_size": 32, "learning_rate": 0.01, "seed": 0},
+        serve={
+            "checkpoint_dir": tmp_path / "checkpoints",
+            "metrics_port": None,
+            "fine_tune_every_events": 10**9,
+            "min_events_to_train": 1,
+            "fine_tune_steps": 25,
+            "refresh_max_delay_ms": 0,
+            "top_k": 5,
+            **serve,
+        },
+        progress=False,
+    )
+
+
+def produce(bootstrap: str, settings: CasmSettings, events: list[dict]) -> dict[str, tuple[int, int]]:
+    """Send events keyed by user; returns each user's newest (partition, offset)."""
+    producer = make_producer(settings.kafka, bootstrap)
+    newest: dict[str, tuple[int, int]] = {}
+    futures = [
+        (e["user_id"], producer.send(settings.topics.behaviours, key=e["user_id"].encode(), value=json.dumps(e).encode()))
+        for e in events
+    ]
+    producer.flush()
+    for user, future in futures:
+        meta = future.get(timeout=10)
+        newest[user] = (meta.partition, meta.offset)
+    producer.close()
+    return newest
+
+
+def cluster_events(num_users: int, cluster: range, prefix: str, seed: int, start: float) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    events = []
+    for user in range(num_users):
+        for step in range(8):
+            events.append({
+                "user_id": f"{prefix}{user}",
+                "item_id": f"item{int(rng.choice(cluster))}",
+                "behavior": "pv" if step % 4 else "cart",
+                "timestamp": start + len(events),
+            })
+    return events
+
+
+def run_until(service: Service, condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        service.step()
+
+
+def cluster_rank_gap(scorer: Scorer, service: Service, user: str, cluster_a: range, cluster_b: range) -> float:
+    """Mean rank of cluster-B items minus that of cluster-A items for `user` (> 0: A ranked higher)."""
+    seqs = service.store.sequences([user], width=10)
+    scores = scorer.score_all(seqs.items, seqs.behaviours)[0].numpy()
+    ids = service.store.item_ids()
+    order = np.argsort(-scores[1:])  # ranks of items 1..n
+    ranks = np.empty_like(order)
+    ranks[order] = np.arange(order.size)
+    rank_of = {ids[i]: ranks[i] for i in range(len(ids))}
+    mean = lambda cluster: float(np.mean([rank_of[f"item{i}"] for i in cluster if f"item{i}" in rank_of]))  # noqa: E731
+    return mean(cluster_b) - mean(cluster_a)
+
+
+def test_serve_publishes_fresh_recommendations_and_learns_clusters(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, kafka_config, topic_names)
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    cluster_a, cluster_b = range(0, 12), range(12, 24)
+    events = cluster_events(30, cluster_a, "a", 1, 1.7e9) + cluster_events(30, cluster_b, "b", 2, 1.7e9 + 1e4)
+    probe = [{"user_id": "probe", "item_id": f"item{i}", "behavior": "pv", "timestamp": 1.7e9 + 2e4 + i} for i in (1, 4, 7)]
+    newest = produce(kafka_bootstrap, settings, events + probe)
+
+    service = Service(settings, kafka_bootstrap)
+    try:
+        run_until(service, lambda: service.report.events_applied == len(events) + len(probe) and not service._pending)
+        assert service.report.popularity_fallbacks == service.report.recommendations  # no model yet
+        assert service._worker_ready(wait_s=60)
+        torch.manual_seed(0)
+        untrained = Scorer(
+            CASM(settings.model, service.store.num_items(), len(service.store.behaviour_names())),
+            service.scoring.target,
+        )
+        before = cluster_rank_gap(untrained, service, "probe", cluster_a, cluster_b)
+
+        service.cfg.fine_tune_every_events = 1
+        for version in range(1, 5):
+            service._events_since_training = 1
+            service._maybe_fine_tune()
+            service._collect_trained(wait_s=60)
+            assert service.scoring.version == version
+        service.cfg.fine_tune_every_events = 10**9
+        after = cluster_rank_gap(service.scoring.scorer, service, "probe", cluster_a, cluster_b)
+        assert after > before + 3, (before, after)
+        assert after > 6  # of 24 items: cluster A clearly on top
+
+        # The probe user acts again: the refreshed recommendation comes from the model.
+        newest.update(produce(kafka_bootstrap, settings, [
+            {"user_id": "probe", "item_id": "item2", "behavior": "cart", "timestamp": 1.7e9 + 3e4}
+        ]))
+        run_until(service, lambda: service.report.events_applied == len(events) + len(probe) + 1 and not service._pending)
+    finally:
+        service.stop()
+        service.run(until=lambda s: True)  # runs the shutdown path
+
+    records = read_topic(settings.kafka, kafka_bootstrap, settings.topics.recommendations, timeout_s=30)
+    last: dict[str, dict] = {}
+    for record in records:
+        last[record.key.decode()] = json.loads(record.value)  # offset order within a user's partition
+    assert set(last) == {e["user_id"] for e in events} | {"probe"}
+    for user, (partition, offset) in newest.items():
+        assert (last[user]["event_partition"], last[user]["event_offset"]) == (partition, offset), user
+        assert last[user]["event_produced_ms"] is not None
+    probe_rec = last["probe"]
+    assert probe_rec["source"] == "model" and probe_rec["model_version"] == "4"
+    assert sum(item["item_id"] in {f"item{i}" for i in cluster_a} for item in probe_rec["items"]) >= 4
+    # Every version was registered with its checkpoint; the last few are kept on disk.
+    with service_store(settings) as store:
+        models = store.models()
+        assert [m["version"] for m in models] == [1, 2, 3, 4]
+        assert all(Path(m["checkpoint_path"]).name == f"casm-v{m['version']:06d}.pt" for m in models)
+        assert store.last_published(["probe"])["probe"]["model_version"] == 4
+    assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == settings.serve.keep_checkpoints
+
+
+def service_store(settings: CasmSettings):
+    from consumers.service import open_store
+
+    return open_store(settings)
