@@ -1,0 +1,37 @@
+"""The DuckDB state store of casm-stream: applied events, rolling user sequences, vocabularies,
+Kafka offsets, the model registry and logs, applied exactly once (see `state.store`)."""
+
+from state.config import StoreConfig
+from state.errors import (
+    ConfigMismatchError,
+    InvalidEventError,
+    PartitionError,
+    ReadOnlyStoreError,
+    RegistryError,
+    SchemaVersionError,
+    StoreClosedError,
+    StoreError,
+    StoreLockedError,
+)
+from state.schema import SCHEMA_VERSION
+from state.sequences import Sequences
+from state.store import ApplyResult, StateStore
+from state.validate import CheckResult
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ApplyResult",
+    "CheckResult",
+    "ConfigMismatchError",
+    "InvalidEventError",
+    "PartitionError",
+    "ReadOnlyStoreError",
+    "RegistryError",
+    "SchemaVersionError",
+    "Sequences",
+    "StateStore",
+    "StoreClosedError",
+    "StoreConfig",
+    "StoreError",
+    "StoreLockedError",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,5 +28,30 @@ class StoreConfig(BaseModel):
         description="Share of a training sample drawn from recently touched users; the rest is "
         "uniform over all users so fine-tuning does not forget.",
     )
+    recent_users: int | None = Field(
+        None, ge=1,
+        description="Pool of most recently touched users the recent share of a training sample is "
+        "drawn from (uniformly); None: the recent share is exactly the most recent users.",
+    )
+    event_id_window_s: float = Field(
+        86_400.0, gt=0,
+        description="Seconds (wall clock, since applied) an applied event_id is remembered to drop "
+        "producer retries; costs 16 bytes of memory per remembered id.",
+    )
+    fold_events: int = Field(
+        200_000, ge=1,
+        description="Applied events kept outside the per-user snapshot table before it is folded "
+        "(bounds the replay when the file is opened).",
+    )
     threads: int = Field(0, ge=0, description="DuckDB threads (0: DuckDB's default).")
     memory_limit: str | None = Field(None, description="DuckDB memory_limit, e.g. '2GB'.")
+    fsync_mode: Literal["STANDARD", "NONE", "FULL"] = Field(
+        "STANDARD",
+        description="DuckDB fsync_mode: STANDARD syncs the WAL at every commit (an apply survives "
+        "power loss); NONE leaves it to the OS: process crashes stay exactly-once, an OS crash "
+        "may corrupt the file; FULL uses fullfsync on macOS.",
+    )
+    checkpoint_threshold: str | None = Field(
+        None, description="DuckDB checkpoint_threshold (WAL size that triggers a checkpoint, e.g. "
+        "'16MB'); None keeps DuckDB's default."
+    )
