@@ -22,9 +22,10 @@ class BehaviourConfig(_Section):
     )
     target: str = Field("buy", description="The behaviour we recommend for (scored as candidate context).")
     alpha: dict[str, float] = Field(
-        default_factory=lambda: {"pv": 0.2, "cart": 0.3, "fav": 0.2, "buy": 0.3},
+        default_factory=lambda: {"pv": 0.67, "cart": 1.0, "fav": 0.67, "buy": 1.0},
         description="Weight alpha_b of a positive whose event has behaviour b (negatives weigh 1). "
-        "Defaults are the official CASM code's Tmall weights.",
+        "Defaults: the official CASM code's Tmall weights (pv .2, cart .3, fav .2, buy .3) rescaled "
+        "so the target weighs 1, as a negative does.",
     )
     default_alpha: float = Field(
         1.0, ge=0.0, description="alpha of a behaviour that has no entry in `alpha` (e.g. one the "

@@ -20,7 +20,9 @@ from consumers.settings import CasmSettings
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "serve",
+    "recommend",
     "evaluate",
+    "evaluate_stream",
     "broker",
     "replay",
     "schemas",

@@ -73,6 +73,25 @@ class ServeProcess:
         except (OSError, ValueError):
             return None
 
+    def metrics(self) -> dict[str, float]:
+        """The service's /metrics, each metric summed over its labels (empty when unreachable)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=2) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return {}
+        totals: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            name = name.split("{", 1)[0]
+            try:
+                totals[name] = totals.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+        return totals
+
     def wait_assigned(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -108,6 +127,9 @@ class MonitorState:
     dead_letters: int = 0
     newest_event: dict[str, tuple[int, int]] = field(default_factory=dict)  # user -> (partition, offset)
     reflected: dict[str, tuple[int, int]] = field(default_factory=dict)  # user -> event of newest rec
+    positions: dict[tuple[int, int], int] = field(default_factory=dict)  # (partition, offset) -> row
+    user_events: Counter = field(default_factory=Counter)
+    scores: list[dict[str, Any]] = field(default_factory=list)  # test-then-train ranks per event
     model_versions: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
     timeline: list[dict[str, float]] = field(default_factory=list)
@@ -127,10 +149,8 @@ class TopicMonitor:
         self.state = MonitorState()
         self.consumer = make_consumer(settings.kafka, bootstrap, group_id=None)
         topics = settings.topics
-        partitions = [
-            tp for topic in (topics.behaviours, topics.recommendations, topics.dead_letters)
-            for tp in topic_partitions(self.consumer, topic, timeout_s=30)
-        ]
+        names = [topics.behaviours, topics.recommendations, topics.dead_letters] + ([topics.scores] if topics.scores else [])
+        partitions = [tp for topic in names for tp in topic_partitions(self.consumer, topic, timeout_s=30)]
         self.consumer.assign(partitions)
         self.consumer.seek_to_beginning(*partitions)
 
@@ -144,6 +164,8 @@ class TopicMonitor:
                 self._events(tp.partition, records)
             elif tp.topic == topics.recommendations:
                 self._recommendations(records)
+            elif tp.topic == topics.scores:
+                self.state.scores.extend(json.loads(record.value) for record in records)
             else:
                 self.state.dead_letters += len(records)
         return count
@@ -156,9 +178,14 @@ class TopicMonitor:
             except (ValueError, KeyError, TypeError):
                 continue  # malformed: the service dead-letters it
             user = str(user)
+            position = _row_of(event.get("event_id"), self.state.events)
             self.state.events += 1
             self.state.newest_event[user] = (partition, record.offset)
-            self.scorer.event(user, str(item), str(behaviour), record.timestamp)
+            self.state.positions[(partition, record.offset)] = position
+            at = record.timestamp if self.scorer.clock == "wall" else record.offset
+            history = self.state.user_events[user]
+            self.state.user_events[user] += 1
+            self.scorer.event(user, str(item), str(behaviour), at, position, history)
 
     def _recommendations(self, records: list) -> None:
         for record in records:
@@ -167,11 +194,13 @@ class TopicMonitor:
             self.state.recommendations += 1
             self.state.model_versions[rec["model_version"]] += 1
             self.state.sources[rec["source"]] += 1
-            if rec.get("event_offset") is not None:
-                self.state.reflected[user] = (rec["event_partition"], rec["event_offset"])
+            reflected = rec.get("event_offset")
+            if reflected is not None:
+                self.state.reflected[user] = (rec["event_partition"], reflected)
+            at = record.timestamp if self.scorer.clock == "wall" else (-1 if reflected is None else reflected)
             self.scorer.recommendation(
-                user, [i["item_id"] for i in rec["items"]], record.timestamp, rec["model_version"],
-                rec["source"], rec.get("event_produced_ms"),
+                user, [i["item_id"] for i in rec["items"]], at, rec["model_version"], rec["source"],
+                record.timestamp, rec.get("event_produced_ms"),
             )
 
     def close(self) -> None:
@@ -189,6 +218,9 @@ class LiveResult:
     timeline: list[dict[str, float]]
     seconds: float
     drained: bool
+    scores: list[dict[str, Any]]
+    positions: dict[tuple[int, int], int]
+    prequential_scorer: PrequentialScorer
 
 
 def run_live(
@@ -205,10 +237,13 @@ def run_live(
     the replay), stop the service cleanly, and score what was published."""
     cfg = settings.live
     run_dir.mkdir(parents=True, exist_ok=True)
-    scorer = PrequentialScorer(settings.behaviours.target, settings.serve.top_k, cfg.grace_ms, cfg.freshness_edges_ms)
+    scorer = PrequentialScorer(
+        settings.behaviours.target, settings.serve.top_k, cfg.freshness_edges_ms, cfg.clock, cfg.grace_ms
+    )
     started = time.monotonic()
     serve = ServeProcess(settings, run_dir / "serve.log")
     monitor = None
+    drained = False
     replay_result: dict[str, Any] = {}
     try:
         serve.wait_assigned(cfg.start_timeout_s)
@@ -232,10 +267,11 @@ def run_live(
             monitor.close()
     scorer.flush()
     state = monitor.state if monitor else MonitorState()
+    drained = drained if monitor else False
     return LiveResult(
         replay=replay_result,
         serve=serve_report,
-        prequential=scorer.summary(),
+        prequential=scorer.summary(cfg.window_events),
         monitor={
             "events_seen": state.events,
             "recommendations_seen": state.recommendations,
@@ -248,7 +284,19 @@ def run_live(
         timeline=state.timeline,
         seconds=time.monotonic() - started,
         drained=drained,
+        scores=state.scores,
+        positions=state.positions,
+        prequential_scorer=scorer,
     )
+
+
+def _row_of(event_id: Any, fallback: int) -> int:
+    """The replayed row of an event id ``"<source>:<row>"`` (the replay producer's), else `fallback`."""
+    if isinstance(event_id, str):
+        _, _, row = event_id.rpartition(":")
+        if row.isdigit():
+            return int(row)
+    return fallback
 
 
 def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread, total: int,
@@ -271,6 +319,7 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
                 rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9) if len(window) > 1 else 0.0
                 summary = monitor.scorer.summary()
                 health = serve.health() or {}
+                metrics = serve.metrics()
                 point = {
                     "t": round(now - started, 2),
                     "events": state.events,
@@ -281,6 +330,8 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
                     "freshness_p99_ms": summary.get("freshness_p99_ms", float("nan")),
                     "hit_rate": summary.get(f"hr@{monitor.scorer.k}", float("nan")),
                     "model_version": float(health.get("model_version", float("nan"))),
+                    "applied": metrics.get("casm_events_applied_total", float("nan")),
+                    "lag": metrics.get("casm_consumer_lag", float("nan")),
                 }
                 state.timeline.append(point)
                 bar.set_postfix({

@@ -1,10 +1,18 @@
-"""Prequential scoring of what the live system published: for every target-behaviour event, was
-its item in the top-K the user had been sent *before* that event (HR@K, NDCG@K, MRR)? Also the
-freshness of recommendations (event produce time -> recommendation publish time).
+"""Prequential scoring of what the live system published: for every event, was its item in the
+top-K the user had been sent *before* that event? HR@K, NDCG@K and MRR, for the target behaviour
+(the headline), per behaviour, per window of event time, and for cold users (no recommendation
+yet) apart. Also the freshness of recommendations (event produce time -> publish time).
 
-Events and recommendations arrive from two topics in no global order. Events are therefore held
-for `grace_ms` (of the clock of the data) before being scored, so a recommendation published just
-before an event but delivered to us just after it is still taken into account.
+"Before" has two clocks:
+
+- ``wall``: the recommendation's Kafka record time precedes the event's produce time: what a user
+  of a live system would have seen (stale lists count against it). Events are held `grace_ms` so a
+  list published just before an event but delivered to us just after it still counts. Use it for
+  paced streams (`casm demo`).
+- ``event_order``: the list reflects only events of the user that come before this one (its
+  `event_offset` is lower in the user's partition): what the system had computed for the user
+  at that point of the stream, whatever the replay speed. Use it for replays at full speed.
+  An event is scored once a list reflecting it (or a later event) arrived, or at the end.
 """
 
 from __future__ import annotations
@@ -13,19 +21,25 @@ import bisect
 import heapq
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+
+Clock = Literal["wall", "event_order"]
 
 
 @dataclass
 class ScoredEvent:
-    """One scored target event: its time (ms), user, rank of its item in the last published list
-    (None: not in it), that list's model version and source, and whether the user had none."""
+    """One scored event: its position in the replayed stream, whose, which behaviour, the rank of
+    its item in the last list sent before it (None: not in it), that list's model version and
+    source, and whether the user had no list yet (cold)."""
 
-    at_ms: int
+    position: int
+    history: int
     user: str
+    behaviour: str
     rank: int | None
     model_version: str | None
     source: str | None
@@ -33,91 +47,134 @@ class ScoredEvent:
 
 
 @dataclass
-class _Published:
-    times: list[int] = field(default_factory=list)
+class _Lists:
+    at: list[float] = field(default_factory=list)
     lists: list[tuple[list[str], str, str]] = field(default_factory=list)
 
 
+def ranking_metrics(ranks: Sequence[int | None], k: int) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR of ranks (None: not in the list of k)."""
+    if not ranks:
+        return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "mrr": float("nan"), "n": 0}
+    values = np.array([k if r is None else r for r in ranks], dtype=float)
+    hit = values < k
+    return {
+        f"hr@{k}": float(hit.mean()),
+        f"ndcg@{k}": float(np.where(hit, 1 / np.log2(values + 2), 0).mean()),
+        "mrr": float(np.where(hit, 1 / (values + 1), 0).mean()),
+        "n": int(values.size),
+    }
+
+
 class PrequentialScorer:
-    """Feed `recommendation(...)` and `event(...)` in any order; `flush(...)` scores held events."""
+    """Feed `recommendation(...)` and `event(...)` in any order; `flush(...)` scores what can be."""
 
     def __init__(
-        self, target: str, k: int, grace_ms: int, freshness_edges_ms: list[float], history_per_user: int = 8
+        self,
+        target: str,
+        k: int,
+        freshness_edges_ms: list[float],
+        clock: Clock = "wall",
+        grace_ms: int = 0,
+        history_per_user: int = 8,
     ) -> None:
         self.target = target
-        self.freshness_edges_ms = list(freshness_edges_ms)
         self.k = k
+        self.clock = clock
         self.grace_ms = grace_ms
+        self.freshness_edges_ms = list(freshness_edges_ms)
         self.history_per_user = history_per_user
-        self._published: dict[str, _Published] = defaultdict(_Published)
-        self._held: list[tuple[int, int, str, str]] = []  # (at_ms, seq, user, item) min-heap
+        self._lists: dict[str, _Lists] = defaultdict(_Lists)
+        self._held: list[tuple] = []  # wall clock: heap by produce time
+        self._waiting: dict[str, list[tuple]] = defaultdict(list)  # event order: per user, by offset
         self._seq = 0
         self.scored: list[ScoredEvent] = []
         self.freshness_ms: list[float] = []
         self.events_seen: dict[str, int] = defaultdict(int)
-        self.latest_ms = 0
 
     def recommendation(
-        self, user: str, items: list[str], at_ms: int, model_version: str, source: str,
-        event_produced_ms: int | None = None,
+        self, user: str, items: list[str], at: float, model_version: str, source: str,
+        published_ms: int | None = None, event_produced_ms: int | None = None,
     ) -> None:
-        """A recommendation published at `at_ms` (its Kafka record time)."""
-        published = self._published[user]
-        index = bisect.bisect_right(published.times, at_ms)
-        published.times.insert(index, at_ms)
-        published.lists.insert(index, (items[: self.k], model_version, source))
-        if len(published.times) > self.history_per_user:
-            del published.times[0], published.lists[0]
-        if event_produced_ms is not None and event_produced_ms >= 0:
-            self.freshness_ms.append(max(0, at_ms - event_produced_ms))
-        self.latest_ms = max(self.latest_ms, at_ms)
+        """A list sent to `user`. `at`: its record time (ms) with the wall clock, the offset of
+        the newest event it reflects with event order (-1: none)."""
+        lists = self._lists[user]
+        index = bisect.bisect_right(lists.at, at)
+        lists.at.insert(index, at)
+        lists.lists.insert(index, (items[: self.k], model_version, source))
+        if len(lists.at) > self.history_per_user:
+            del lists.at[0], lists.lists[0]
+        if published_ms is not None and event_produced_ms is not None and event_produced_ms >= 0:
+            self.freshness_ms.append(max(0, published_ms - event_produced_ms))
+        if self.clock == "event_order":
+            waiting = self._waiting.get(user)
+            while waiting and waiting[0][0] <= at:
+                offset, _, item, behaviour, position, history = heapq.heappop(waiting)
+                self._score(user, item, behaviour, offset, position, history)
 
-    def event(self, user: str, item: str, behaviour: str, at_ms: int) -> None:
-        """A behaviour event produced at `at_ms`; target events are held, then scored."""
+    def event(self, user: str, item: str, behaviour: str, at: float, position: int, history: int = 0) -> None:
+        """An event of `user`. `at`: its produce time (ms) with the wall clock, its offset with
+        event order; `position`: its index in the replayed stream, for windows; `history`: the
+        user's events before it."""
         self.events_seen[behaviour] += 1
-        self.latest_ms = max(self.latest_ms, at_ms)
-        if behaviour == self.target:
-            heapq.heappush(self._held, (at_ms, self._seq, user, item))
-            self._seq += 1
+        if self.clock == "wall":
+            heapq.heappush(self._held, (at, self._seq, user, item, behaviour, position, history))
+        else:
+            heapq.heappush(self._waiting[user], (at, self._seq, item, behaviour, position, history))
+        self._seq += 1
 
-    def flush(self, now_ms: int | None = None) -> int:
-        """Score held events older than `now_ms - grace_ms` (all of them when now_ms is None).
-        Returns how many were scored."""
+    def flush(self, now_ms: float | None = None) -> int:
+        """Score held events: with the wall clock those older than `now_ms - grace_ms`; at the end
+        (now_ms None) every event still held. Returns how many were scored."""
+        before = len(self.scored)
         limit = math.inf if now_ms is None else now_ms - self.grace_ms
-        count = 0
         while self._held and self._held[0][0] <= limit:
-            at_ms, _, user, item = heapq.heappop(self._held)
-            self.scored.append(self._score(user, item, at_ms))
-            count += 1
-        return count
+            at, _, user, item, behaviour, position, history = heapq.heappop(self._held)
+            self._score(user, item, behaviour, at, position, history)
+        if now_ms is None:
+            for user, waiting in self._waiting.items():
+                while waiting:
+                    at, _, item, behaviour, position, history = heapq.heappop(waiting)
+                    self._score(user, item, behaviour, at, position, history)
+        return len(self.scored) - before
 
-    def _score(self, user: str, item: str, at_ms: int) -> ScoredEvent:
-        published = self._published.get(user)
-        index = bisect.bisect_left(published.times, at_ms) if published else 0
-        if not published or index == 0:
-            return ScoredEvent(at_ms, user, None, None, None, cold=True)
-        items, version, source = published.lists[index - 1]
+    def _score(self, user: str, item: str, behaviour: str, at: float, position: int, history: int) -> None:
+        lists = self._lists.get(user)
+        index = bisect.bisect_left(lists.at, at) if lists else 0
+        if not lists or index == 0:
+            self.scored.append(ScoredEvent(position, history, user, behaviour, None, None, None, cold=True))
+            return
+        items, version, source = lists.lists[index - 1]
         rank = items.index(item) if item in items else None
-        return ScoredEvent(at_ms, user, rank, version, source, cold=False)
+        self.scored.append(ScoredEvent(position, history, user, behaviour, rank, version, source, cold=False))
 
-    def summary(self) -> dict[str, Any]:
-        """HR@K, NDCG@K and MRR over warm target events (the user had a recommendation), the
-        number of cold ones, and the freshness percentiles (ms)."""
-        warm = [s for s in self.scored if not s.cold]
-        ranks = np.array([s.rank if s.rank is not None else self.k for s in warm], dtype=float)
-        hits = ranks < self.k
+    def summary(self, window_events: int = 0) -> dict[str, Any]:
+        """Metrics of warm target events (headline), per behaviour, by source, per window of
+        `window_events` stream positions, the cold count, and freshness."""
+        warm_target = [s for s in self.scored if s.behaviour == self.target and not s.cold]
         result: dict[str, Any] = {
-            "target_events": len(self.scored),
-            "scored": len(warm),
-            "cold": len(self.scored) - len(warm),
-            f"hr@{self.k}": float(hits.mean()) if warm else float("nan"),
-            f"ndcg@{self.k}": float(np.where(hits, 1 / np.log2(ranks + 2), 0).mean()) if warm else float("nan"),
-            "mrr": float(np.where(hits, 1 / (ranks + 1), 0).mean()) if warm else float("nan"),
+            "clock": self.clock,
+            "target_events": sum(1 for s in self.scored if s.behaviour == self.target),
+            "scored": len(warm_target),
+            "cold": sum(1 for s in self.scored if s.behaviour == self.target and s.cold),
+            **{k: v for k, v in ranking_metrics([s.rank for s in warm_target], self.k).items() if k != "n"},
+            "by_behaviour": {
+                b: ranking_metrics([s.rank for s in self.scored if s.behaviour == b and not s.cold], self.k)
+                for b in sorted(self.events_seen)
+            },
             "by_source": {
-                source: float(np.mean([s.rank is not None for s in warm if s.source == source]))
-                for source in sorted({s.source for s in warm})
+                source: ranking_metrics([s.rank for s in warm_target if s.source == source], self.k)
+                for source in sorted({s.source for s in warm_target})
             },
         }
+        if window_events and warm_target:
+            by_window: dict[int, list[int | None]] = defaultdict(list)
+            for s in warm_target:
+                by_window[s.position // window_events].append(s.rank)
+            result["by_window"] = [
+                {"start": w * window_events, "end": (w + 1) * window_events, **ranking_metrics(ranks, self.k)}
+                for w, ranks in sorted(by_window.items())
+            ]
         result.update(freshness_summary(self.freshness_ms, self.freshness_edges_ms))
         return result
 

@@ -38,6 +38,8 @@ import torch
 from casm_core.config import BehaviourConfig
 from casm_core.model import CASM
 from casm_core.scoring import Scorer, items_with_behaviours
+from consumers.drift import DriftMonitor
+from consumers.event_scoring import EventScores, score_events
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training_worker import FineTuneJob, TrainedVersion, TrainingWorker, WorkerInit
@@ -76,6 +78,9 @@ class ServiceReport:
     seconds: float = 0.0
     stopped_by: str = ""
     offsets: dict[str, int] = field(default_factory=dict)
+    events_scored: int = 0
+    alpha: dict[str, float] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ScoringModel:
@@ -133,10 +138,14 @@ class Service:
             self._popular_scores: list[float] = []
             self._popular_at = -float("inf")
             self._item_id_cache: list[str] = []
-            self._unrecorded: dict[str, tuple[list[str], int, float]] = {}  # user -> (items, version, at)
+            self._unrecorded: dict[str, tuple[list[str], int, float, int]] = {}  # user -> (items, version, at, offset)
             self._recorded_at = time.monotonic()
+            self._retained_at = time.monotonic()
             self.scoring = ScoringModel(settings, self.store.behaviour_names())
+            self.drift = DriftMonitor(settings.drift, settings.behaviours.target) if settings.drift.enabled else None
+            self._score_rng = np.random.default_rng(settings.drift.seed)
             self._initialize_worker()
+            self._requeue_unpublished()
             self.producer = make_producer(settings.kafka, bootstrap)
             self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
             self.consumer = make_consumer(
@@ -192,6 +201,23 @@ class Service:
         for name, value in self.alpha.items():
             self.metrics.alpha.labels(name).set(value)
 
+    def _requeue_unpublished(self) -> None:
+        """Users whose newest applied event has no published recommendation yet (the process
+        stopped between applying and publishing) are refreshed first."""
+        users = self.store.user_ids()
+        if not users:
+            return
+        newest = self.store.sequences(users, width=1).last_offset
+        published = self.store.last_published(users)
+        now = time.monotonic()
+        for user, offset in zip(users, newest.tolist(), strict=True):
+            reflected = published.get(user, {}).get("event_offset")
+            if reflected is None or reflected < offset:
+                self._pending[user] = now
+        if self._pending:
+            log.info("%d users have applied events without a published recommendation: refreshing them",
+                     len(self._pending))
+
     def _on_assign(self, partitions: list) -> dict:
         stored = {}
         for tp in partitions:
@@ -239,6 +265,8 @@ class Service:
         if self.telemetry:
             self.telemetry.start()
         try:
+            if self.cfg.synchronous_training and not self._worker_ready(wait_s=self.cfg.worker_timeout_s):
+                raise RuntimeError(f"trainer process not ready within {self.cfg.worker_timeout_s} s")
             while not self._stop.is_set():
                 self.step()
                 if until is not None and until(self):
@@ -261,6 +289,11 @@ class Service:
             self._collect_trained()
             self._maybe_fine_tune()
         self._update_lag()
+        if time.monotonic() - self._retained_at >= self.cfg.retain_every_s:
+            self._retained_at = time.monotonic()
+            trimmed = self.store.retain()
+            if trimmed:
+                log.info("retention trimmed %d applied events", trimmed)
 
     def _ingest(self, records: dict) -> None:
         started = time.perf_counter()
@@ -272,6 +305,8 @@ class Service:
                 self.metrics.dead_letters.labels(letter.kind).inc()
             self.report.dead_letters += len(dead)
         offsets = {(tp.topic, tp.partition): batch[-1].offset + 1 for tp, batch in records.items() if batch}
+        fresh = self._not_yet_applied(events)
+        scored = self._score_events(events, fresh) if self.drift is not None else None
         result = self.store.apply(events, offsets)
         now = time.monotonic()
         for user in result.touched_users:
@@ -283,11 +318,96 @@ class Service:
         self.metrics.count_applied(result.applied)
         if result.duplicates:
             self.metrics.duplicates.inc(result.duplicates)
+        if self.drift is not None:
+            self._watch_drift(events, fresh, scored)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         # Kafka's committed offsets are informational (monitoring tools); the store is the truth.
         self.consumer.commit_async(
             {tp: _offset_and_metadata(batch[-1].offset + 1) for tp, batch in records.items() if batch}
         )
+
+    # ------------------------------------------------------------- test-then-train and drift
+    def _not_yet_applied(self, events) -> np.ndarray:
+        """Rows of `events` whose offset the store has not consumed (redeliveries are not)."""
+        if events.num_rows == 0:
+            return np.zeros(0, dtype=np.int64)
+        stored = self.store.offsets(self.topics.behaviours)
+        partitions = events.column("partition").to_numpy()
+        next_offsets = np.array([stored.get(int(p), 0) for p in range(int(partitions.max()) + 1)])
+        return np.flatnonzero(events.column("offset").to_numpy() >= next_offsets[partitions])
+
+    def _score_events(self, events, rows: np.ndarray) -> EventScores | None:
+        """Rank each new event's item with the current model before the store (and so the model)
+        learns it; publish the ranks to the scores topic."""
+        scorer = self.scoring.scorer if self.cfg.recommender == "casm" else None
+        if scorer is None or rows.size == 0:
+            return None
+        users, user_codes = np.unique(
+            np.asarray(events.column("user_id").to_pylist(), dtype=object).astype(str), return_inverse=True
+        )
+        stored = self.store.sequences(users.tolist(), width=self.settings.model.max_len)
+        names = self.store.behaviour_names()
+        lookup = {name: i + 1 for i, name in enumerate(names)}
+        item_ids = events.column("item_id").to_pylist()
+        behaviour_names = events.column("behavior").to_pylist()
+        scores = score_events(
+            scorer, events, rows, stored.items, stored.behaviours, user_codes.reshape(-1),
+            self.store.item_index(item_ids),
+            np.fromiter((lookup.get(b, 0) for b in behaviour_names), dtype=np.int64, count=len(behaviour_names)),
+            self.settings.drift.sampled_negatives, self._score_rng, self.settings.drift.score_batch_size,
+        )
+        self.report.events_scored += len(scores)
+        if self.topics.scores:
+            self._publish_scores(events, scores, item_ids, behaviour_names)
+        return scores
+
+    def _publish_scores(self, events, scores: EventScores, item_ids: list[str], behaviours: list[str]) -> None:
+        users = events.column("user_id").to_pylist()
+        partitions = events.column("partition").to_pylist()
+        offsets = events.column("offset").to_pylist()
+        produced = events.column("produced_ms").to_pylist()
+        timestamps = events.column("timestamp").to_pylist()
+        version = self.scoring.version
+        for k, row in enumerate(scores.rows.tolist()):
+            value = json.dumps({
+                "user_id": users[row], "item_id": item_ids[row], "behavior": behaviours[row],
+                "timestamp": timestamps[row], "partition": partitions[row], "offset": offsets[row],
+                "produced_ms": produced[row], "model_version": version,
+                "rank_full": int(scores.rank_full[k]), "rank_sampled": int(scores.rank_sampled[k]),
+                "num_items": scores.num_items, "num_sampled": self.settings.drift.sampled_negatives,
+                "cold": bool(scores.cold[k]),
+            }, separators=(",", ":")).encode()
+            self.producer.send(self.topics.scores, key=users[row].encode(), value=value)
+
+    def _watch_drift(self, events, rows: np.ndarray, scored: EventScores | None) -> None:
+        """Feed the detectors; apply, log, record and count what they decide."""
+        hits = []
+        if scored is not None:
+            k = self.settings.drift.hit_k
+            warm = ~scored.cold
+            hits = [
+                (b, int(0 <= r < k))
+                for b, r, w in zip(scored.behaviours, scored.rank_full.tolist(), warm.tolist(), strict=True) if w
+            ]
+        columns = [events.column(c).to_pylist() for c in ("user_id", "item_id", "behavior", "timestamp", "partition")]
+        observed = [tuple(column[r] for column in columns) for r in rows.tolist()]
+        detections, changes = self.drift.observe(hits, observed, self.alpha)
+        now = time.time()
+        for d in detections:
+            self.metrics.drifts.labels(d.behaviour, d.signal, d.detector).inc()
+            value = self.alpha.get(d.behaviour, self.settings.behaviours.default_alpha)
+            self.store.record_drift(now, d.behaviour, d.detector, d.signal, d.value, value, value)
+            self.report.drift.append({"kind": "detection", "events_applied": self._events_applied_total,
+                                      "behaviour": d.behaviour, "signal": d.signal, "detector": d.detector})
+        for c in changes:
+            reason = (f"{self.settings.drift.policy} policy after {c.detection.signal} drift of {c.behaviour}: "
+                      f"post-detection conversion {c.estimate:.3f} (at {self._events_applied_total} events)")
+            self.set_alpha({c.behaviour: c.new}, reason)
+            self.store.record_drift(now, c.behaviour, c.detection.detector, f"reweight:{c.detection.signal}",
+                                    c.estimate, c.old, c.new)
+            self.report.drift.append({"kind": "alpha", "events_applied": self._events_applied_total,
+                                      "behaviour": c.behaviour, "old": c.old, "new": c.new, "estimate": c.estimate})
+            log.info("alpha[%s] %.3f -> %.3f (%s)", c.behaviour, c.old, c.new, reason)
 
     # ---------------------------------------------------------------------------- refresh
     def _refresh(self, force: bool) -> None:
@@ -324,7 +444,7 @@ class Service:
     def _publish(self, users: list[str], pending_since: list[float]) -> None:
         sequences = self.store.sequences(users, width=self.settings.model.max_len)
         item_ids = self._item_ids()
-        scorer = self.scoring.scorer
+        scorer = self.scoring.scorer if self.cfg.recommender == "casm" else None
         usable = sequences.lengths > 0
         ranked: dict[int, tuple[list[str], list[float], str]] = {}
         if scorer is not None and usable.any():
@@ -361,7 +481,7 @@ class Service:
                 self.metrics.freshness.observe(max(0.0, now_wall - produced_ms / 1000.0))
             if source == "popularity":
                 self.report.popularity_fallbacks += 1
-            self._unrecorded[user] = (items, self.scoring.version, now_wall)
+            self._unrecorded[user] = (items, self.scoring.version, now_wall, int(sequences.last_offset[row]))
         self.report.recommendations += len(users)
         if now - self._recorded_at >= self.cfg.published_record_every_s:
             self._record_published()
@@ -369,19 +489,24 @@ class Service:
     def _record_published(self) -> None:
         """Remember the last recommendation of each user in the store (batched: one write per
         `published_record_every_s`; Kafka holds every recommendation anyway)."""
-        by_version: dict[int, list[tuple[str, list[str], float]]] = {}
-        for user, (items, version, at) in self._unrecorded.items():
-            by_version.setdefault(version, []).append((user, items, at))
+        by_version: dict[int, list[tuple[str, list[str], float, int]]] = {}
+        for user, (items, version, at, offset) in self._unrecorded.items():
+            by_version.setdefault(version, []).append((user, items, at, offset))
         for version, rows in by_version.items():
             self.store.record_published(
-                [u for u, _, _ in rows], version, [i for _, i, _ in rows], published_at=max(a for _, _, a in rows)
+                [r[0] for r in rows], version, [r[1] for r in rows],
+                published_at=max(r[2] for r in rows), event_offsets=[r[3] for r in rows],
             )
         self._unrecorded.clear()
         self._recorded_at = time.monotonic()
 
     # --------------------------------------------------------------------------- training
     def _maybe_fine_tune(self) -> None:
-        if self.worker.busy or self._events_applied_total < self.cfg.min_events_to_train:
+        if (
+            self.cfg.recommender != "casm"
+            or self.worker.busy
+            or self._events_applied_total < self.cfg.min_events_to_train
+        ):
             return
         due_by_count = self._events_since_training >= self.cfg.fine_tune_every_events
         due_by_time = (
@@ -415,6 +540,8 @@ class Service:
         self._events_since_training = 0
         self._last_training = time.monotonic()
         log.debug("fine-tuning version %d on %d sequences", job.version, len(sample))
+        if self.cfg.synchronous_training:
+            self._collect_trained(wait_s=self.cfg.worker_timeout_s)
 
     def _worker_ready(self, wait_s: float = 0.0) -> bool:
         """Whether the trainer process is up; when it just came up from a checkpoint, its weights
@@ -500,6 +627,7 @@ class Service:
             self._collect_trained(wait_s=self.cfg.worker_timeout_s)  # every version is checkpointed
         finally:
             self.report.offsets = {f"{t}[{p}]": o for (t, p), o in self.store.all_offsets().items()}
+            self.report.alpha = dict(self.alpha)
             self.worker.close(timeout_s=5.0)
             self.consumer.close()
             self.producer.close(timeout=5)

@@ -25,6 +25,14 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    recommender: Literal["casm", "popularity"] = Field(
+        "casm", description="'casm': the model (popularity until its first version); 'popularity': the "
+        "most-popular baseline served through the same path (no training)."
+    )
+    synchronous_training: bool = Field(
+        False, description="Wait for each fine-tuning round before consuming on (evaluation runs that "
+        "must not depend on timing); off in production, where ingestion never waits for training."
+    )
     poll_timeout_ms: int = Field(50, ge=1, description="Longest wait of one consumer poll.")
     top_k: int = Field(10, ge=1, description="Items K per published recommendation.")
     exclude_behaviours: list[str] = Field(
@@ -38,6 +46,9 @@ class ServeConfig(BaseModel):
     )
     published_record_every_s: float = Field(
         1.0, gt=0, description="Write the users' last published recommendations to the store this often."
+    )
+    retain_every_s: float = Field(
+        300.0, gt=0, description="Apply the store's retention (store.retention_*) and forget expired event ids this often."
     )
     popularity_refresh_s: float = Field(5.0, gt=0, description="Recompute the popularity fallback this often.")
     refresh_max_users: int = Field(256, ge=1, description="Users scored per refresh micro-batch at most.")
@@ -79,8 +90,12 @@ class LiveConfig(BaseModel):
     runs_dir: Path = Field(Path("runs"), description="Where each run's folder (state, log, report) is made.")
     demo_events: int = Field(40_000, ge=1, description="Synthetic events `casm demo` replays by default.")
     demo_rate: str = Field("2000/s", description="Replay pace of `casm demo` by default (events/s).")
+    clock: Literal["wall", "event_order"] = Field(
+        "wall", description="When a list counts as sent before an event: by wall-clock time (what a "
+        "user saw; paced streams) or by stream position (what the system had computed; full-speed replays)."
+    )
     grace_ms: int = Field(
-        2_000, ge=0, description="Hold target events this long before scoring them against what the "
+        2_000, ge=0, description="Wall clock: hold events this long before scoring them against what the "
         "user had been sent (recommendations may arrive a little after events)."
     )
     start_timeout_s: float = Field(180.0, gt=0, description="Longest wait for `casm serve` to get its partitions.")
@@ -94,6 +109,58 @@ class LiveConfig(BaseModel):
         description="Bin edges (ms) of the freshness histogram in reports.",
     )
     rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
+    cold_user_events: int = Field(
+        3, ge=1, description="Reports split target events of users with fewer earlier events than this."
+    )
+    window_events: int = Field(
+        2_000, ge=1, description="Stream positions per window of the metrics over time (HR@K per window)."
+    )
+
+
+class DriftConfig(BaseModel):
+    """Drift detection on the live stream and the alpha re-weighting policy."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(True, description="Score events test-then-train and watch for drift.")
+    policy: Literal["fixed", "conversion"] = Field(
+        "conversion", description="'conversion': re-weight alpha_b from b's conversion after a drift; "
+        "'fixed': never change alpha (for comparison)."
+    )
+    detector: Literal["adwin", "page_hinkley", "kswin"] = Field("adwin", description="River detector.")
+    signals: list[Literal["hit", "conversion"]] = Field(
+        default_factory=lambda: ["hit", "conversion"], description="Signals watched per behaviour."
+    )
+    hit_k: int = Field(10, ge=1, description="K of the hit signal (item in the model's top K).")
+    horizon_s: float = Field(
+        3_600.0, gt=0, description="Conversion horizon H in event time (s): a b-event converts when the "
+        "target on the same item by the same user follows within H."
+    )
+    cooldown_updates: int = Field(
+        500, ge=0, description="Updates a (signal, behaviour) detector ignores after it fired."
+    )
+    settle_outcomes: int = Field(
+        150, ge=1, description="Conversion outcomes of b observed after a detection before alpha_b is re-estimated."
+    )
+    alpha_min: float = Field(0.05, ge=0, description="Lower clip of a re-weighted alpha_b.")
+    alpha_max: float = Field(2.0, gt=0, description="Upper clip of a re-weighted alpha_b.")
+    smoothing: float = Field(0.5, gt=0, le=1, description="Step towards the new estimate (1: jump to it).")
+    sampled_negatives: int = Field(99, ge=1, description="Negatives of the sampled rank of each scored event.")
+    score_batch_size: int = Field(256, ge=1, description="Events scored per model call.")
+    max_pending_per_user_item: int = Field(
+        16, ge=1, description="Unresolved b-events kept per (user, item) for the conversion signal."
+    )
+    adwin_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence delta.")
+    adwin_clock: int = Field(16, ge=1, description="ADWIN checks for a change every this many updates.")
+    adwin_grace_period: int = Field(30, ge=1, description="ADWIN updates before it may detect.")
+    ph_min_instances: int = Field(30, ge=1, description="PageHinkley updates before it may detect.")
+    ph_delta: float = Field(0.005, ge=0, description="PageHinkley magnitude of changes tolerated.")
+    ph_threshold: float = Field(50.0, gt=0, description="PageHinkley detection threshold (lambda).")
+    ph_alpha: float = Field(0.9999, gt=0, le=1, description="PageHinkley forgetting factor.")
+    kswin_alpha: float = Field(0.001, gt=0, lt=1, description="KSWIN significance level.")
+    kswin_window_size: int = Field(200, ge=10, description="KSWIN window.")
+    kswin_stat_size: int = Field(60, ge=5, description="KSWIN recent sub-window.")
+    seed: int = Field(0, description="Seed of the sampled negatives and of KSWIN.")
 
 
 class CasmSettings(BaseSettings):
@@ -126,4 +193,5 @@ class CasmSettings(BaseSettings):
     events: EventLimits = Field(default_factory=EventLimits)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     live: LiveConfig = Field(default_factory=LiveConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

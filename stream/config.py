@@ -70,6 +70,11 @@ class TopicsConfig(_Section):
     behaviours: str = Field("behaviours", description="Input topic of behaviour events.")
     recommendations: str = Field("recommendations", description="Output topic of top-K recommendations.")
     dead_letters: str = Field("behaviours.dlq", description="Malformed input messages, with the reason.")
+    scores: str = Field(
+        "behaviours.scores",
+        description="Test-then-train rank of each event's item with the model of that moment (stream "
+        "evaluation reads it); empty: not published.",
+    )
     partitions: int = Field(4, ge=1, description="Partitions of each topic when we create it.")
     replication_factor: int = Field(1, ge=1, description="Replication factor when we create topics.")
 

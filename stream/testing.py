@@ -46,12 +46,13 @@ def kafka_test_config(**overrides: object) -> KafkaConfig:
 
 
 def unique_topics(prefix: str = "t", partitions: int = TEST_PARTITIONS) -> TopicsConfig:
-    """TopicsConfig whose three names carry a fresh random suffix."""
+    """TopicsConfig whose names carry a fresh random suffix."""
     suffix = f"{prefix}-{uuid.uuid4().hex[:12]}"
     return TopicsConfig(
         behaviours=f"behaviours-{suffix}",
         recommendations=f"recommendations-{suffix}",
         dead_letters=f"behaviours.dlq-{suffix}",
+        scores=f"behaviours.scores-{suffix}",
         partitions=partitions,
     )
 

@@ -22,8 +22,9 @@ _POLL_S = 0.05
 
 
 def topic_names(topics_cfg: TopicsConfig) -> list[str]:
-    """Our three topics: behaviours, recommendations, dead letters."""
-    return [topics_cfg.behaviours, topics_cfg.recommendations, topics_cfg.dead_letters]
+    """Our topics: behaviours, recommendations, dead letters, and event scores unless disabled."""
+    names = [topics_cfg.behaviours, topics_cfg.recommendations, topics_cfg.dead_letters]
+    return names + [topics_cfg.scores] if topics_cfg.scores else names
 
 
 def _partition_counts(admin, names: Sequence[str]) -> dict[str, int]:

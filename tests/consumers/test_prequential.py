@@ -14,32 +14,49 @@ from stream.models import Recommendation
 EDGES = [0, 100, 1000]
 
 
-def test_target_events_are_scored_against_the_last_list_sent_before_them() -> None:
-    scorer = PrequentialScorer("buy", k=3, grace_ms=50, freshness_edges_ms=EDGES)
-    scorer.recommendation("u", ["a", "b", "c"], at_ms=1000, model_version="1", source="model", event_produced_ms=950)
-    scorer.event("u", "b", "buy", at_ms=1500)          # rank 1 in the list of t=1000
-    scorer.event("u", "x", "pv", at_ms=1600)           # not a target: only counted
-    scorer.event("v", "a", "buy", at_ms=1700)          # v had nothing: cold
+def test_wall_clock_scores_events_against_the_last_list_sent_before_them() -> None:
+    scorer = PrequentialScorer("buy", k=3, freshness_edges_ms=EDGES, clock="wall", grace_ms=50)
+    scorer.recommendation("u", ["a", "b", "c"], 1000, "1", "model", published_ms=1000, event_produced_ms=950)
+    scorer.event("u", "b", "buy", 1500, position=10)   # rank 1 in the list of t=1000
+    scorer.event("u", "x", "pv", 1600, position=11)    # not a target: per behaviour only
+    scorer.event("v", "a", "buy", 1700, position=12)   # v had nothing: cold
     # A list published after the event must not count for it, even if it arrives first.
-    scorer.recommendation("u", ["z", "y", "x"], at_ms=2100, model_version="2", source="model")
-    scorer.event("u", "z", "buy", at_ms=2000)          # scored against t=1000's list: miss
-    assert scorer.flush(now_ms=1540) == 0               # still within the grace period
+    scorer.recommendation("u", ["z", "y", "x"], 2100, "2", "model")
+    scorer.event("u", "z", "buy", 2000, position=13)   # scored against t=1000's list: miss
+    assert scorer.flush(now_ms=1540) == 0                  # still within the grace period
     assert scorer.flush(now_ms=1560) == 1
     scorer.flush()
-    summary = scorer.summary()
+    summary = scorer.summary(window_events=12)
     assert summary["target_events"] == 3 and summary["scored"] == 2 and summary["cold"] == 1
     assert summary["hr@3"] == 0.5
     assert summary["ndcg@3"] == pytest.approx(0.5 / math.log2(3))
     assert summary["mrr"] == pytest.approx(0.25)
-    assert scorer.events_seen == {"buy": 3, "pv": 1}
+    assert summary["by_behaviour"]["pv"]["n"] == 1 and summary["by_behaviour"]["pv"]["hr@3"] == 0.0
+    assert [w["n"] for w in summary["by_window"]] == [1, 1]
     assert summary["freshness_count"] == 1 and summary["freshness_p50_ms"] == 50
 
 
+def test_event_order_clock_uses_the_lists_that_reflect_earlier_events() -> None:
+    scorer = PrequentialScorer("buy", k=2, freshness_edges_ms=EDGES, clock="event_order")
+    # u's events at offsets 5, 9, 12 (one partition); lists reflecting offsets 5 and 9 arrive late.
+    scorer.event("u", "a", "pv", 5, position=1)
+    scorer.event("u", "b", "buy", 9, position=2)
+    scorer.event("u", "c", "buy", 12, position=3)
+    assert scorer.flush(now_ms=10**12) == 0                    # event order does not use time
+    scorer.recommendation("u", ["b", "x"], 5, "1", "model")   # reflects offset 5: scores offset 5
+    assert len(scorer.scored) == 1 and scorer.scored[0].cold   # nothing before offset 5
+    scorer.recommendation("u", ["y", "c"], 9, "1", "model")   # scores offset 9 with the list of 5
+    assert scorer.scored[1].rank == 0 and scorer.scored[1].model_version == "1"
+    scorer.flush()                                             # offset 12: list of 9
+    assert scorer.scored[2].rank == 1
+    assert scorer.summary()["hr@2"] == 1.0
+
+
 def test_out_of_order_recommendations_are_placed_by_time() -> None:
-    scorer = PrequentialScorer("buy", k=2, grace_ms=0, freshness_edges_ms=EDGES)
-    scorer.recommendation("u", ["late"], at_ms=300, model_version="2", source="model")
-    scorer.recommendation("u", ["early"], at_ms=100, model_version="1", source="popularity")
-    scorer.event("u", "early", "buy", at_ms=200)
+    scorer = PrequentialScorer("buy", k=2, freshness_edges_ms=EDGES)
+    scorer.recommendation("u", ["late"], 300, "2", "model")
+    scorer.recommendation("u", ["early"], 100, "1", "popularity")
+    scorer.event("u", "early", "buy", 200, position=0)
     scorer.flush()
     assert scorer.scored[0].rank == 0 and scorer.scored[0].source == "popularity"
 

@@ -80,6 +80,18 @@ def run_until(service: Service, condition, timeout_s: float = 60.0) -> None:
         service.step()
 
 
+def fine_tune(service: Service) -> None:
+    """One fine-tuning round now, waited for."""
+    every = service.cfg.fine_tune_every_events
+    service.cfg.fine_tune_every_events = 1
+    service._events_since_training = 1
+    try:
+        service._maybe_fine_tune()
+        service._collect_trained(wait_s=60)
+    finally:
+        service.cfg.fine_tune_every_events = every
+
+
 def cluster_rank_gap(scorer: Scorer, service: Service, user: str, cluster_a: range, cluster_b: range) -> float:
     """Mean rank of cluster-B items minus that of cluster-A items for `user` (> 0: A ranked higher)."""
     seqs = service.store.sequences([user], width=10)
@@ -115,13 +127,9 @@ def test_serve_publishes_fresh_recommendations_and_learns_clusters(
         )
         before = cluster_rank_gap(untrained, service, "probe", cluster_a, cluster_b)
 
-        service.cfg.fine_tune_every_events = 1
         for version in range(1, 5):
-            service._events_since_training = 1
-            service._maybe_fine_tune()
-            service._collect_trained(wait_s=60)
+            fine_tune(service)
             assert service.scoring.version == version
-        service.cfg.fine_tune_every_events = 10**9
         after = cluster_rank_gap(service.scoring.scorer, service, "probe", cluster_a, cluster_b)
         assert after > before + 3, (before, after)
         assert after > 6  # of 24 items: cluster A clearly on top
@@ -159,3 +167,39 @@ def service_store(settings: CasmSettings):
     from consumers.service import open_store
 
     return open_store(settings)
+
+
+def test_a_new_item_is_recommendable_after_the_next_fine_tune(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, kafka_config, topic_names, fine_tune_steps=30)
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    cluster = range(0, 12)
+    produce(kafka_bootstrap, settings, cluster_events(30, cluster, "a", 5, 1.7e9))
+    service = Service(settings, kafka_bootstrap)
+    try:
+        run_until(service, lambda: service.report.events_applied == 240 and not service._pending)
+        assert service._worker_ready(wait_s=60)
+        fine_tune(service)
+        assert service.scoring.version == 1
+
+        # "fresh" appears: the cluster's users view it again and again.
+        fresh = [
+            {"user_id": f"a{u}", "item_id": "fresh", "behavior": "pv" if r else "cart", "timestamp": 1.7e9 + 1e5 + 10 * u + r}
+            for u in range(30) for r in range(3)
+        ]
+        produce(kafka_bootstrap, settings, fresh)
+        run_until(service, lambda: service.report.events_applied == 240 + len(fresh) and not service._pending)
+        index = service.store.item_index(["fresh"])[0]
+        assert index > service.scoring.num_items  # not a candidate of the serving model yet
+
+        for _ in range(3):
+            fine_tune(service)
+        assert service.scoring.num_items >= index
+        seqs = service.store.sequences(["a0"], width=10)
+        scores, best = service.scoring.scorer.top_k(seqs.items, seqs.behaviours, k=5)
+        assert np.isfinite(scores).all()
+        assert index in best[0].tolist(), (index, best)
+    finally:
+        service.stop()
+        service.run(until=lambda s: True)
