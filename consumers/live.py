@@ -231,35 +231,42 @@ def run_live(
     run_dir: Path,
     source_name: str,
     progress: bool = True,
+    produce_first: bool = False,
 ) -> LiveResult:
     """Start `casm serve`, replay `events` into behaviours at `pacing`, follow both topics until
     every user's newest event is reflected by a recommendation (or `live.drain_timeout_s` after
-    the replay), stop the service cleanly, and score what was published."""
+    the replay), stop the service cleanly, and score what was published. With `produce_first`
+    the whole log is produced before the service starts, so what it consumes does not depend on
+    how fast the producer is (full-speed evaluation)."""
     cfg = settings.live
     run_dir.mkdir(parents=True, exist_ok=True)
     scorer = PrequentialScorer(
         settings.behaviours.target, settings.serve.top_k, cfg.freshness_edges_ms, cfg.clock, cfg.grace_ms
     )
     started = time.monotonic()
+    replay_result: dict[str, Any] = {}
+    producer = make_producer(settings.kafka, bootstrap)
+
+    def produce() -> None:
+        report: ReplayReport = replay(events, producer, settings.topics.behaviours, pacing,
+                                      source_name=source_name, progress=progress and produce_first)
+        replay_result.update(report.to_dict())
+        producer.close()
+
+    sender = threading.Thread(target=produce, name="casm-replay", daemon=True)
+    if produce_first:
+        sender.start()
+        sender.join()
     serve = ServeProcess(settings, run_dir / "serve.log")
     monitor = None
     drained = False
-    replay_result: dict[str, Any] = {}
     try:
         serve.wait_assigned(cfg.start_timeout_s)
         monitor = TopicMonitor(settings, bootstrap, scorer)
-        producer = make_producer(settings.kafka, bootstrap)
-
-        def produce() -> None:
-            report: ReplayReport = replay(events, producer, settings.topics.behaviours, pacing,
-                                          source_name=source_name, progress=False)
-            replay_result.update(report.to_dict())
-
-        sender = threading.Thread(target=produce, name="casm-replay", daemon=True)
-        sender.start()
+        if not produce_first:
+            sender.start()
         drained = _follow(monitor, serve, sender, events.num_rows, cfg, progress, started)
         sender.join()
-        producer.close()
     finally:
         serve_report = serve.stop(cfg.stop_timeout_s)
         if monitor is not None:

@@ -109,6 +109,10 @@ class LiveConfig(BaseModel):
         description="Bin edges (ms) of the freshness histogram in reports.",
     )
     rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
+    full_speed_poll_records: int = Field(
+        20, ge=1, description="Stream evaluation at full speed: the service polls at most this many events "
+        "at a time (it refreshes lists once per poll, so this sets what the evaluation can credit)."
+    )
     cold_user_events: int = Field(
         3, ge=1, description="Reports split target events of users with fewer earlier events than this."
     )

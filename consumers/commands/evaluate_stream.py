@@ -83,6 +83,11 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         settings.serve.synchronous_training = args.training == "sync"
     elif fastest:
         settings.serve.synchronous_training = True
+    if fastest:
+        # Lists are refreshed once per poll: at full speed the poll size is the granularity of what
+        # the evaluation can credit (a paced stream has small polls by itself).
+        settings.kafka.max_poll_records = min(settings.kafka.max_poll_records, settings.live.full_speed_poll_records)
+        settings.serve.refresh_max_delay_ms = 0
     run_dir = args.report_dir or settings.live.runs_dir / (
         f"evaluate-stream-{name}-{settings.serve.recommender}-{settings.drift.policy}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -101,7 +106,8 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         settings.kafka.bootstrap_servers = bootstrap
         ensure_topics(bootstrap, settings.kafka, settings.topics)
         print(f"casm evaluate-stream: {label}\n  {events.num_rows:,} events at {pacing}; report in {run_dir}", flush=True)
-        result = run_live(settings, bootstrap, events, pacing, run_dir, name, progress=settings.progress)
+        result = run_live(settings, bootstrap, events, pacing, run_dir, name, progress=settings.progress,
+                          produce_first=fastest)
 
     k = settings.serve.top_k
     scorer = result.prequential_scorer
