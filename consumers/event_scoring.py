@@ -1,11 +1,15 @@
 """Test-then-train scoring of incoming events: before a batch is applied (and long before the model
 trains on it), rank each event's item for its user with the model of that moment.
 
-Each event is ranked after exactly the events the user had before it: the stored sequence plus the
-user's earlier events of the same batch. Two ranks per event: among every item the model knows
-(full), and among `num_sampled` items the user has not touched in the sequence (sampled, the
-paper's protocol). Items the model does not know yet get no rank (they cannot be recommended).
-These ranks feed the drift detectors and the `scores` topic that stream evaluation reads.
+Each event is ranked after exactly the events its user had before it (the stored sequence plus the
+user's earlier events of the same batch), the way the service would have scored the user just then:
+one pass of the model per scored event. The caller picks which events to score (the service scores
+every target event and a share of the others) to bound the cost.
+
+Two ranks per event: among every item the model knows (full), and among `num_sampled` items not in
+the user's window (sampled, the paper's protocol). Items the model does not know yet get no rank
+(they cannot be recommended); nor do a user's first events (cold). These ranks feed the drift
+detectors and the scores topic that stream evaluation reads.
 """
 
 from __future__ import annotations
@@ -13,11 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from casm_core.metrics import rank_among, rank_in_full
-from casm_core.sampling import NegativeSampler, SequenceCorpus, padded_item_keys
+from casm_core.sampling import NegativeSampler, SequenceCorpus
 from casm_core.scoring import Scorer
 
 NO_RANK = -1
@@ -25,11 +27,10 @@ NO_RANK = -1
 
 @dataclass
 class EventScores:
-    """Per scored event (aligned arrays): row in the batch, behaviour name, full and sampled rank
-    (NO_RANK: item unknown to the model), whether the user had no history (cold)."""
+    """Per scored event (aligned arrays): row in the batch, full and sampled rank (NO_RANK: item
+    unknown to the model, or cold), whether the user had no history (cold)."""
 
     rows: np.ndarray
-    behaviours: list[str]
     rank_full: np.ndarray
     rank_sampled: np.ndarray
     cold: np.ndarray
@@ -39,9 +40,35 @@ class EventScores:
         return len(self.rows)
 
 
+def _rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Rank of `positive` [n] in each row of scores [n, C]: higher plus equal others (ties count
+    against, as in casm_core.metrics)."""
+    return (scores > positive[:, None]).sum(1) + (scores == positive[:, None]).sum(1) - 1
+
+
+def _ranks(
+    scores: torch.Tensor,
+    positives: np.ndarray,
+    windows: np.ndarray,
+    num_sampled: int,
+    sampler: NegativeSampler,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Full and sampled ranks of `positives` [n] given scores [n, N + 1]; sampled negatives avoid
+    the items of each event's window [n, W] and its own item."""
+    positive_t = torch.as_tensor(positives, device=scores.device)
+    full = _rank(scores, scores.gather(1, positive_t[:, None]).squeeze(1))
+    stride = sampler.num_items + 1
+    event = np.arange(positives.size)[:, None]
+    excluded = np.unique(np.concatenate([(event * stride + windows).ravel(), event[:, 0] * stride + positives]))
+    negatives = sampler.sample(rng, (positives.size, num_sampled), excluded, stride)
+    candidates = torch.as_tensor(np.concatenate([positives[:, None], negatives], axis=1), device=scores.device)
+    candidate_scores = scores.gather(1, candidates)
+    return full.cpu().numpy(), _rank(candidate_scores, candidate_scores[:, 0]).cpu().numpy()
+
+
 def score_events(
     scorer: Scorer,
-    events: pa.Table,
     rows: np.ndarray,
     stored_items: np.ndarray,
     stored_behaviours: np.ndarray,
@@ -50,23 +77,25 @@ def score_events(
     behaviour_codes: np.ndarray,
     num_sampled: int,
     rng: np.random.Generator,
-    batch_size: int,
+    chunk: int,
 ) -> EventScores:
-    """Rank events `rows` of `events` test-then-train.
+    """Rank batch rows `rows` test-then-train.
 
-    stored_items / stored_behaviours: [U, W] left-padded sequences of the batch's distinct users
-    before the batch; user_codes [n]: each batch row's user (0..U-1); item_codes / behaviour_codes
-    [n]: each batch row's item and behaviour index (0 where unknown to the store).
+    stored_items / stored_behaviours: [U, W] left-padded sequences (W = the model's max_len) of the
+    batch's distinct users before the batch; user_codes [n]: each batch row's user (0..U-1);
+    item_codes / behaviour_codes [n]: each batch row's item and behaviour index (0: unknown).
+    Scores against every item are computed `chunk` events at a time (memory: chunk x items).
     """
     width = stored_items.shape[1]
     num_users = stored_items.shape[0]
     stored = SequenceCorpus.from_padded(stored_items, stored_behaviours)
-    # One corpus of [stored events, then the batch's events] per user, in arrival order.
-    all_users = np.concatenate([np.repeat(np.arange(num_users), stored.lengths), user_codes])
-    all_items = np.concatenate([stored.items, item_codes])
-    all_behaviours = np.concatenate([stored.behaviours, behaviour_codes])
-    corpus = SequenceCorpus.from_events(all_users, all_items, all_behaviours, num_users)
-    # Position of each batch row within its user's combined sequence.
+    corpus = SequenceCorpus.from_events(
+        np.concatenate([np.repeat(np.arange(num_users), stored.lengths), user_codes]),
+        np.concatenate([stored.items, item_codes]),
+        np.concatenate([stored.behaviours, behaviour_codes]),
+        num_users,
+    )
+    # Position of each batch row in its user's combined sequence.
     order = np.argsort(user_codes, kind="stable")
     first = np.searchsorted(user_codes[order], np.arange(num_users))
     within = np.empty(len(user_codes), dtype=np.int64)
@@ -78,30 +107,13 @@ def score_events(
     rank_full = np.full(rows.size, NO_RANK, dtype=np.int64)
     rank_sampled = np.full(rows.size, NO_RANK, dtype=np.int64)
     cold = positions[rows] == 0
-    known = (item_codes[rows] > 0) & (item_codes[rows] <= num_items) & ~cold
+    known = np.flatnonzero((item_codes[rows] > 0) & (item_codes[rows] <= num_items) & ~cold)
     sampler = NegativeSampler(num_items)
-    for start in range(0, rows.size, batch_size):
-        part = np.arange(start, min(start + batch_size, rows.size))
-        part = part[known[part]]
-        if part.size == 0:
-            continue
+    for start in range(0, known.size, chunk):
+        part = known[start : start + chunk]
         batch_rows = rows[part]
         items, behaviours = corpus.windows(user_codes[batch_rows], positions[batch_rows], width)
-        positives = item_codes[batch_rows]
-        scores = scorer.score_all(items, behaviours)
-        scores = scores.float().cpu().numpy() if torch.is_tensor(scores) else scores
-        rank_full[part] = rank_in_full(scores, positives)
-        stride = num_items + 1
-        excluded = np.union1d(padded_item_keys(items, stride), np.arange(part.size) * stride + positives)
-        negatives = sampler.sample(rng, (part.size, num_sampled), excluded, stride)
-        candidates = np.concatenate([positives[:, None], negatives], axis=1)
-        rank_sampled[part] = rank_among(np.take_along_axis(scores, candidates, axis=1))
-    names = events.column("behavior").to_pylist()
-    return EventScores(
-        rows=rows,
-        behaviours=[names[r] for r in rows.tolist()],
-        rank_full=rank_full,
-        rank_sampled=rank_sampled,
-        cold=cold,
-        num_items=num_items,
-    )
+        rank_full[part], rank_sampled[part] = _ranks(
+            scorer.score_all(items, behaviours), item_codes[batch_rows], items, num_sampled, sampler, rng
+        )
+    return EventScores(rows=rows, rank_full=rank_full, rank_sampled=rank_sampled, cold=cold, num_items=num_items)

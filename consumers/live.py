@@ -165,7 +165,8 @@ class TopicMonitor:
             elif tp.topic == topics.recommendations:
                 self._recommendations(records)
             elif tp.topic == topics.scores:
-                self.state.scores.extend(json.loads(record.value) for record in records)
+                for record in records:
+                    self.state.scores.extend(_score_rows(json.loads(record.value)))
             else:
                 self.state.dead_letters += len(records)
         return count
@@ -295,6 +296,13 @@ def run_live(
         positions=state.positions,
         prequential_scorer=scorer,
     )
+
+
+def _score_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-event rows of one scores message (columns as arrays)."""
+    columns = ("user_id", "item_id", "behavior", "partition", "offset", "produced_ms", "rank_full", "rank_sampled", "cold")
+    shared = {k: batch[k] for k in ("model_version", "num_items", "num_sampled")}
+    return [dict(zip(columns, values, strict=True), **shared) for values in zip(*(batch[c] for c in columns), strict=True)]
 
 
 def _row_of(event_id: Any, fallback: int) -> int:

@@ -51,9 +51,13 @@ class ServeConfig(BaseModel):
         300.0, gt=0, description="Apply the store's retention (store.retention_*) and forget expired event ids this often."
     )
     popularity_refresh_s: float = Field(5.0, gt=0, description="Recompute the popularity fallback this often.")
+    publisher_queue_batches: int = Field(
+        8, ge=1, description="Applied batches whose signals may wait for the publisher thread before "
+        "ingestion waits (backpressure, bounded memory)."
+    )
     refresh_max_users: int = Field(256, ge=1, description="Users scored per refresh micro-batch at most.")
     refresh_max_delay_ms: int = Field(
-        50, ge=0, description="Refresh touched users at the latest this long after their event was applied."
+        20, ge=0, description="Refresh touched users at the latest this long after their event was applied."
     )
     fine_tune_every_events: int = Field(
         5_000, ge=1, description="Start a fine-tuning round after this many newly applied events ..."
@@ -69,6 +73,10 @@ class ServeConfig(BaseModel):
     )
     fine_tune_steps: int = Field(16, ge=1, description="Optimisation steps per round (train.batch_size rows each).")
     trainer_threads: int = Field(1, ge=0, description="torch threads of the trainer process (0: torch default).")
+    trainer_niceness: int = Field(
+        10, ge=0, le=19, description="How much nicer (lower CPU priority) the trainer process runs than the "
+        "service: serving first, training on what is left."
+    )
     scoring_threads: int = Field(1, ge=0, description="torch threads of the serving process (0: torch default).")
     checkpoint_dir: Path = Field(Path("var/checkpoints"), description="Where model checkpoints are written.")
     keep_checkpoints: int = Field(3, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
@@ -150,7 +158,13 @@ class DriftConfig(BaseModel):
     alpha_max: float = Field(2.0, gt=0, description="Upper clip of a re-weighted alpha_b.")
     smoothing: float = Field(0.5, gt=0, le=1, description="Step towards the new estimate (1: jump to it).")
     sampled_negatives: int = Field(99, ge=1, description="Negatives of the sampled rank of each scored event.")
-    score_batch_size: int = Field(256, ge=1, description="Events scored per model call.")
+    score_other_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Share of non-target events ranked test-then-train (every target "
+        "event is): each costs a pass of the model."
+    )
+    score_chunk_events: int = Field(
+        256, ge=1, description="Events scored against every item at once (memory: this x items floats)."
+    )
     max_pending_per_user_item: int = Field(
         16, ge=1, description="Unresolved b-events kept per (user, item) for the conversion signal."
     )

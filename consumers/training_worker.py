@@ -104,9 +104,13 @@ def _weights(trainer) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in trainer.model.state_dict().items()}
 
 
-def worker_main(conn: Connection) -> None:
+def worker_main(conn: Connection, niceness: int) -> None:
     """Entry point of the child process: import torch while the parent starts up, then build the
-    trainer from the WorkerInit it sends."""
+    trainer from the WorkerInit it sends. Runs `niceness` steps nicer than the service, so
+    training takes the CPU serving leaves (freshness first)."""
+    import os
+
+    os.nice(niceness)
     from casm_core.checkpoint import save_checkpoint
 
     try:
@@ -165,10 +169,10 @@ class TrainingWorker:
     the background (`poll_ready`), `submit` sends a job, `poll` returns a finished one; at most
     one job is in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, niceness: int = 0) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=worker_main, args=(child,), name="casm-trainer", daemon=True)
+        self._process = context.Process(target=worker_main, args=(child, niceness), name="casm-trainer", daemon=True)
         self._process.start()
         child.close()
         self.initialized = False

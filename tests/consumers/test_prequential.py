@@ -8,7 +8,7 @@ import math
 import pytest
 
 from consumers.prequential import PrequentialScorer, freshness_summary
-from consumers.service import recommendation_json
+from consumers.publisher import recommendation_json
 from stream.models import Recommendation
 
 EDGES = [0, 100, 1000]

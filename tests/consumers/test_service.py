@@ -117,20 +117,20 @@ def test_serve_publishes_fresh_recommendations_and_learns_clusters(
 
     service = Service(settings, kafka_bootstrap)
     try:
-        run_until(service, lambda: service.report.events_applied == len(events) + len(probe) and not service._pending)
-        assert service.report.popularity_fallbacks == service.report.recommendations  # no model yet
+        run_until(service, lambda: service.report.events_applied == len(events) + len(probe) and service.publisher.pending == 0)
+        assert service.publisher.popularity_fallbacks == service.publisher.recommendations  # no model yet
         assert service._worker_ready(wait_s=60)
         torch.manual_seed(0)
         untrained = Scorer(
             CASM(settings.model, service.store.num_items(), len(service.store.behaviour_names())),
-            service.scoring.target,
+            service.serving.target,
         )
         before = cluster_rank_gap(untrained, service, "probe", cluster_a, cluster_b)
 
         for version in range(1, 5):
             fine_tune(service)
-            assert service.scoring.version == version
-        after = cluster_rank_gap(service.scoring.scorer, service, "probe", cluster_a, cluster_b)
+            assert service.serving.version == version
+        after = cluster_rank_gap(service.serving.scorer, service, "probe", cluster_a, cluster_b)
         assert after > before + 3, (before, after)
         assert after > 6  # of 24 items: cluster A clearly on top
 
@@ -138,7 +138,7 @@ def test_serve_publishes_fresh_recommendations_and_learns_clusters(
         newest.update(produce(kafka_bootstrap, settings, [
             {"user_id": "probe", "item_id": "item2", "behavior": "cart", "timestamp": 1.7e9 + 3e4}
         ]))
-        run_until(service, lambda: service.report.events_applied == len(events) + len(probe) + 1 and not service._pending)
+        run_until(service, lambda: service.report.events_applied == len(events) + len(probe) + 1 and service.publisher.pending == 0)
     finally:
         service.stop()
         service.run(until=lambda s: True)  # runs the shutdown path
@@ -178,10 +178,10 @@ def test_a_new_item_is_recommendable_after_the_next_fine_tune(
     produce(kafka_bootstrap, settings, cluster_events(30, cluster, "a", 5, 1.7e9))
     service = Service(settings, kafka_bootstrap)
     try:
-        run_until(service, lambda: service.report.events_applied == 240 and not service._pending)
+        run_until(service, lambda: service.report.events_applied == 240 and service.publisher.pending == 0)
         assert service._worker_ready(wait_s=60)
         fine_tune(service)
-        assert service.scoring.version == 1
+        assert service.serving.version == 1
 
         # "fresh" appears: the cluster's users view it again and again.
         fresh = [
@@ -189,15 +189,15 @@ def test_a_new_item_is_recommendable_after_the_next_fine_tune(
             for u in range(30) for r in range(3)
         ]
         produce(kafka_bootstrap, settings, fresh)
-        run_until(service, lambda: service.report.events_applied == 240 + len(fresh) and not service._pending)
+        run_until(service, lambda: service.report.events_applied == 240 + len(fresh) and service.publisher.pending == 0)
         index = service.store.item_index(["fresh"])[0]
-        assert index > service.scoring.num_items  # not a candidate of the serving model yet
+        assert index > service.serving.num_items  # not a candidate of the serving model yet
 
         for _ in range(3):
             fine_tune(service)
-        assert service.scoring.num_items >= index
+        assert service.serving.num_items >= index
         seqs = service.store.sequences(["a0"], width=10)
-        scores, best = service.scoring.scorer.top_k(seqs.items, seqs.behaviours, k=5)
+        scores, best = service.serving.scorer.top_k(seqs.items, seqs.behaviours, k=5)
         assert np.isfinite(scores).all()
         assert index in best[0].tolist(), (index, best)
     finally:

@@ -1,0 +1,181 @@
+"""The live service's performance targets, measured on the embedded broker (issue: consumers).
+
+    .venv/bin/python bench/bench_serve.py ingest    --events 200000
+    .venv/bin/python bench/bench_serve.py freshness --events 60000 --rate 2000
+    .venv/bin/python bench/bench_serve.py memory    --events 1000000
+
+- ingest: the raw kafka-python consume rate of a topic (the ceiling) and, in the same run on the
+  same broker and topic, the rate at which `casm serve` consumes, validates and applies it to the
+  store, with training on (and refresh and drift scoring, as in production). Reports the ratio.
+- freshness: `casm serve` fed at a steady rate while it fine-tunes; the distribution of event
+  produce time -> refreshed recommendation published.
+- memory: a long synthetic run; the serve process's RSS sampled along the way and its peak.
+
+Each prints a JSON result (and writes it to --json); BENCHMARKS.md quotes them with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import psutil
+
+from consumers.live import ServeProcess, free_port, run_live
+from consumers.settings import CasmSettings
+from stream.broker import EmbeddedBroker
+from stream.clients import make_consumer, make_producer, topic_partitions
+from stream.config import BrokerConfig, SyntheticConfig
+from stream.replay import parse_pacing, replay
+from stream.synthetic import generate
+from stream.topics import ensure_topics
+
+
+def settings_for(folder: Path, bootstrap: str, **serve) -> CasmSettings:
+    settings = CasmSettings(progress=False)
+    settings.kafka.bootstrap_servers = bootstrap
+    settings.store.path = folder / "state.duckdb"
+    settings.serve.checkpoint_dir = folder / "checkpoints"
+    settings.serve.metrics_port = free_port("127.0.0.1")
+    for key, value in serve.items():
+        setattr(settings.serve, key, value)
+    return settings
+
+
+def produce(settings: CasmSettings, bootstrap: str, events) -> float:
+    producer = make_producer(settings.kafka, bootstrap)
+    report = replay(events, producer, settings.topics.behaviours, parse_pacing(None, None, True), progress=False)
+    producer.close()
+    return report.rate
+
+
+def raw_consume_rate(settings: CasmSettings, bootstrap: str, total: int) -> float:
+    """Events/s of a bare kafka-python consumer reading the whole topic (no decoding)."""
+    consumer = make_consumer(settings.kafka, bootstrap, group_id=None)
+    partitions = topic_partitions(consumer, settings.topics.behaviours, 30)
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    count, started = 0, time.perf_counter()
+    while count < total:
+        for records in consumer.poll(timeout_ms=200, max_records=settings.kafka.max_poll_records).values():
+            count += len(records)
+    rate = count / (time.perf_counter() - started)
+    consumer.close()
+    return rate
+
+
+def bench_ingest(args: argparse.Namespace) -> dict:
+    with TemporaryDirectory() as tmp, EmbeddedBroker(BrokerConfig()) as broker:
+        folder = Path(tmp)
+        settings = settings_for(folder, broker.bootstrap)
+        ensure_topics(broker.bootstrap, settings.kafka, settings.topics)
+        events = generate(SyntheticConfig(n_events=args.events, seed=1)).events
+        produce_rate = produce(settings, broker.bootstrap, events)
+        raw = raw_consume_rate(settings, broker.bootstrap, args.events)
+        serve = ServeProcess(settings, folder / "serve.log")
+        serve.wait_assigned(300)
+        started, applied = time.perf_counter(), 0.0
+        while applied < args.events:
+            time.sleep(0.5)
+            applied = serve.metrics().get("casm_events_applied_total", 0.0)
+        seconds = time.perf_counter() - started
+        metrics = serve.metrics()
+        report = serve.stop(300)
+    ingest = args.events / seconds
+    return {
+        "events": args.events,
+        "produce_events_per_s": round(produce_rate),
+        "raw_consume_events_per_s": round(raw),
+        "serve_ingest_events_per_s": round(ingest),
+        "ratio_to_raw": round(ingest / raw, 3),
+        "fine_tunes_during_ingest": int(metrics.get("casm_fine_tunes_total", 0)),
+        "recommendations": report.get("recommendations"),
+        "events_scored_test_then_train": report.get("events_scored"),
+    }
+
+
+def bench_freshness(args: argparse.Namespace) -> dict:
+    with TemporaryDirectory() as tmp, EmbeddedBroker(BrokerConfig()) as broker:
+        folder = Path(tmp)
+        settings = settings_for(folder, broker.bootstrap)
+        ensure_topics(broker.bootstrap, settings.kafka, settings.topics)
+        events = generate(SyntheticConfig(n_events=args.events, seed=2)).events
+        result = run_live(settings, broker.bootstrap, events, parse_pacing(None, f"{args.rate}/s", False),
+                          folder, "bench", progress=False)
+    pq = result.prequential
+    return {
+        "events": args.events,
+        "rate_events_per_s": args.rate,
+        "fine_tunes": result.serve.get("fine_tunes"),
+        "recommendations": pq.get("freshness_count"),
+        "freshness_p50_ms": round(pq.get("freshness_p50_ms", float("nan")), 1),
+        "freshness_p90_ms": round(pq.get("freshness_p90_ms", float("nan")), 1),
+        "freshness_p99_ms": round(pq.get("freshness_p99_ms", float("nan")), 1),
+        "freshness_max_ms": round(pq.get("freshness_max_ms", float("nan")), 1),
+        "freshness_histogram_ms": pq.get("freshness_histogram"),
+        "drained": result.drained,
+    }
+
+
+def bench_memory(args: argparse.Namespace) -> dict:
+    with TemporaryDirectory() as tmp, EmbeddedBroker(BrokerConfig()) as broker:
+        folder = Path(tmp)
+        settings = settings_for(folder, broker.bootstrap)
+        ensure_topics(broker.bootstrap, settings.kafka, settings.topics)
+        events = generate(SyntheticConfig(n_events=args.events, seed=3, n_users=args.users)).events
+        sender = threading.Thread(target=produce, args=(settings, broker.bootstrap, events), daemon=True)
+        sender.start()
+        serve = ServeProcess(settings, folder / "serve.log")
+        process = psutil.Process(serve.process.pid)
+        samples: list[tuple[float, float, float]] = []  # (s, events applied, RSS MiB of serve + trainer)
+        started, applied = time.perf_counter(), 0.0
+        while applied < args.events and serve.process.poll() is None:
+            time.sleep(args.sample_s)
+            try:
+                rss = process.memory_info().rss + sum(c.memory_info().rss for c in process.children(recursive=True))
+            except psutil.Error:
+                break
+            applied = serve.metrics().get("casm_events_applied_total", applied)
+            samples.append((round(time.perf_counter() - started, 1), applied, round(rss / 2**20, 1)))
+        sender.join()
+        serve.stop(300)
+    quarter = max(1, len(samples) // 4)
+    return {
+        "events": args.events,
+        "users": args.users,
+        "seconds": samples[-1][0] if samples else None,
+        "peak_rss_mib": max(s[2] for s in samples) if samples else None,
+        "rss_mib_first_quarter_max": max(s[2] for s in samples[:quarter]) if samples else None,
+        "rss_mib_last_quarter_max": max(s[2] for s in samples[-quarter:]) if samples else None,
+        "samples_every_s": args.sample_s,
+        "rss_by_events": [(int(s[1]), s[2]) for s in samples[:: max(1, len(samples) // 20)]],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["ingest", "freshness", "memory"])
+    parser.add_argument("--events", type=int, default=None)
+    parser.add_argument("--rate", type=int, default=2000, help="freshness: events/s")
+    parser.add_argument("--users", type=int, default=20_000, help="memory: users of the synthetic stream")
+    parser.add_argument("--sample-s", type=float, default=5.0, help="memory: RSS sampling period")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = parser.parse_args()
+    defaults = {"ingest": 200_000, "freshness": 60_000, "memory": 1_000_000}
+    args.events = args.events or defaults[args.what]
+    result = {"ingest": bench_ingest, "freshness": bench_freshness, "memory": bench_memory}[args.what](args)
+    result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,259 @@
+"""The publishing half of `casm serve`: refreshed top-K for the users touched since their last
+list, and the test-then-train signals of each applied batch. It runs on its own thread, so scoring
+and producing overlap with ingestion (torch and DuckDB release the GIL), or inline when the
+service is stepped by hand (tests).
+
+Users are refreshed in micro-batches bounded in size (`refresh_max_users`) and delay
+(`refresh_max_delay_ms`); users with no usable history, or all users before the first model
+version, get the most-popular list, marked `source: popularity`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+import numpy as np
+from kafka import KafkaProducer
+
+from casm_core.scoring import items_with_behaviours
+from consumers.serving_model import ServingModel
+from consumers.settings import CasmSettings
+from consumers.signals import SignalJob, SignalWatch
+from consumers.telemetry import ServiceMetrics
+from state.store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def recommendation_json(
+    user: str,
+    items: Sequence[str],
+    scores: Sequence[float],
+    model_version: str,
+    generated_at: float,
+    *,
+    event_time: float | None,
+    event_partition: int | None,
+    event_offset: int | None,
+    event_produced_ms: int | None,
+    source: str,
+) -> bytes:
+    """A `stream.models.Recommendation` as JSON bytes, built directly (the hot path publishes one
+    per touched user; a test checks it against the model)."""
+    return json.dumps({
+        "user_id": user,
+        "items": [{"item_id": i, "score": float(s)} for i, s in zip(items, scores, strict=True)],
+        "model_version": model_version,
+        "generated_at": generated_at,
+        "event_time": event_time,
+        "event_partition": event_partition,
+        "event_offset": event_offset,
+        "event_produced_ms": event_produced_ms,
+        "source": source,
+    }, separators=(",", ":")).encode()
+
+
+class Publisher:
+    """Pending users and signal jobs in, recommendations and scores out (thread-safe)."""
+
+    def __init__(
+        self,
+        settings: CasmSettings,
+        store: StateStore,
+        producer: KafkaProducer,
+        serving: ServingModel,
+        metrics: ServiceMetrics,
+        signals: SignalWatch | None,
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.serve
+        self.store = store
+        self.producer = producer
+        self.serving = serving
+        self.metrics = metrics
+        self.signals = signals
+        self._cond = threading.Condition()
+        self._pending: OrderedDict[str, float] = OrderedDict()  # user -> when it became pending
+        self._jobs: deque[SignalJob] = deque()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.error: BaseException | None = None
+        self.recommendations = 0
+        self.popularity_fallbacks = 0
+        self._unrecorded: dict[str, tuple[list[str], int, float, int]] = {}  # user -> (items, version, at, offset)
+        self._recorded_at = time.monotonic()
+        self._popular: list[str] = []
+        self._popular_scores: list[float] = []
+        self._popular_at = -float("inf")
+        self._item_ids: list[str] = []
+
+    # ------------------------------------------------------------------ ingest-thread side
+    def touch(self, users: Sequence[str], when: float) -> None:
+        """Users whose state changed at monotonic time `when` (kept at their first pending time)."""
+        with self._cond:
+            for user in users:
+                self._pending.setdefault(user, when)
+            self._cond.notify()
+
+    def submit(self, job: SignalJob) -> None:
+        """Queue a batch's signals; blocks while `publisher_queue_batches` are waiting (backpressure)."""
+        with self._cond:
+            while self._thread is not None and len(self._jobs) >= self.cfg.publisher_queue_batches and self.error is None:
+                self._cond.wait(0.1)
+            self._jobs.append(job)
+            self._cond.notify()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._pending) + len(self._jobs)
+
+    # ------------------------------------------------------------------------- the work
+    def start(self) -> None:
+        """Work on a thread of its own from now on."""
+        self._thread = threading.Thread(target=self._loop, name="casm-publisher", daemon=True)
+        self._thread.start()
+
+    def _users_due_in(self) -> float:
+        """Seconds until the pending users are due (0: now; inf: none). Caller holds the lock."""
+        if not self._pending:
+            return float("inf")
+        if len(self._pending) >= self.cfg.refresh_max_users:
+            return 0.0
+        oldest = next(iter(self._pending.values()))
+        return max(0.0, oldest + self.cfg.refresh_max_delay_ms / 1000.0 - time.monotonic())
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._jobs and self._users_due_in() > 0:
+                        self._cond.wait(min(self._users_due_in(), 0.5))
+                    if self._closing and not self._jobs and not self._pending:
+                        return
+                self.work(force=self._closing)
+        except BaseException as exc:  # noqa: BLE001 - reported to the ingest thread, which stops
+            log.exception("publisher failed")
+            self.error = exc
+            with self._cond:
+                self._cond.notify_all()
+
+    def work(self, force: bool = False) -> None:
+        """Refresh the users that are due (all with `force`), then process one queued signal job;
+        until neither is left. Refreshing comes first: it is what freshness is measured on, while
+        signals only feed the drift detectors and the evaluation."""
+        while True:
+            with self._cond:
+                batch = []
+                if self._pending and (force or self._users_due_in() <= 0):
+                    count = min(self.cfg.refresh_max_users, len(self._pending))
+                    batch = [self._pending.popitem(last=False) for _ in range(count)]
+                job = self._jobs.popleft() if self._jobs and not batch else None
+                self._cond.notify_all()
+            if batch:
+                self._publish([u for u, _ in batch], [t for _, t in batch])
+            elif job is not None:
+                if self.signals is not None:
+                    self.signals.process(job)
+            else:
+                break
+        if time.monotonic() - self._recorded_at >= self.cfg.published_record_every_s:
+            self.record_published()
+
+    def close(self, timeout_s: float) -> None:
+        """Finish what is queued and pending, then stop the thread (or do it inline)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("publisher did not finish within %s s", timeout_s)
+        if self._thread is None or (self.error is None and not self._thread.is_alive()):
+            self.work(force=True)
+        self.record_published()
+
+    # ---------------------------------------------------------------------- publishing
+    def _item_vocabulary(self) -> list[str]:
+        """The store's item ids (cached; the vocabulary only grows)."""
+        if len(self._item_ids) != self.store.num_items():
+            self._item_ids = self.store.item_ids()
+        return self._item_ids
+
+    def _popularity(self) -> tuple[list[str], list[float]]:
+        """The fallback list: most popular items, recomputed at most every popularity_refresh_s."""
+        now = time.monotonic()
+        if now - self._popular_at >= self.cfg.popularity_refresh_s or not self._popular:
+            counts = self.store.item_popularity(self.cfg.popularity_behaviours or None)
+            best = np.argsort(-counts[1:], kind="stable")[: min(self.cfg.top_k, counts.size - 1)] + 1
+            ids = self._item_vocabulary()
+            self._popular = [ids[i - 1] for i in best.tolist()]
+            self._popular_scores = [float(counts[i]) for i in best.tolist()]
+            self._popular_at = now
+        return self._popular, self._popular_scores
+
+    def _model_lists(self, sequences, scorer) -> dict[int, tuple[list[str], list[float], str]]:
+        """Top-K of the rows with history, by row."""
+        usable = np.flatnonzero(sequences.lengths > 0)
+        if scorer is None or usable.size == 0:
+            return {}
+        exclude = None
+        if self.cfg.exclude_behaviours:
+            names = self.store.behaviour_names()
+            chosen = [names.index(b) + 1 for b in self.cfg.exclude_behaviours if b in names]
+            exclude = items_with_behaviours(sequences.items[usable], sequences.behaviours[usable], chosen)
+        scores, best = scorer.top_k(sequences.items[usable], sequences.behaviours[usable], self.cfg.top_k, exclude)
+        ids = self._item_vocabulary()
+        lists = {}
+        for row, row_scores, row_best in zip(usable.tolist(), scores, best, strict=True):
+            finite = np.isfinite(row_scores)
+            lists[row] = ([ids[i - 1] for i in row_best[finite].tolist()], row_scores[finite].tolist(), "model")
+        return lists
+
+    def _publish(self, users: list[str], pending_since: list[float]) -> None:
+        version, scorer = self.serving.current
+        if self.cfg.recommender != "casm":
+            scorer = None
+        sequences = self.store.sequences(users, width=self.settings.model.max_len)
+        lists = self._model_lists(sequences, scorer)
+        popular, popular_scores = self._popularity()
+        now_wall, now = time.time(), time.monotonic()
+        send, topic = self.producer.send, self.settings.topics.recommendations
+        for row, user in enumerate(users):
+            items, scores, source = lists.get(row, (popular, popular_scores, "popularity"))
+            known = bool(sequences.lengths[row] > 0)
+            produced_ms = int(sequences.last_produced_ms[row])
+            send(topic, key=user.encode(), value=recommendation_json(
+                user, items, scores, str(version), now_wall,
+                event_time=float(sequences.last_timestamp[row]) if known else None,
+                event_partition=int(sequences.last_partition[row]) if known else None,
+                event_offset=int(sequences.last_offset[row]) if known else None,
+                event_produced_ms=produced_ms if produced_ms >= 0 else None,
+                source=source,
+            ))
+            self.metrics.published.labels(source).inc()
+            self.metrics.refresh_latency.observe(now - pending_since[row])
+            if produced_ms >= 0:
+                self.metrics.freshness.observe(max(0.0, now_wall - produced_ms / 1000.0))
+            self.popularity_fallbacks += source == "popularity"
+            self._unrecorded[user] = (items, version, now_wall, int(sequences.last_offset[row]))
+        self.recommendations += len(users)
+
+    def record_published(self) -> None:
+        """Remember each user's last published list in the store (one write per
+        `published_record_every_s`; Kafka holds every list anyway)."""
+        by_version: dict[int, list[tuple[str, list[str], float, int]]] = {}
+        for user, (items, version, at, offset) in self._unrecorded.items():
+            by_version.setdefault(version, []).append((user, items, at, offset))
+        for version, rows in by_version.items():
+            self.store.record_published(
+                [r[0] for r in rows], version, [r[1] for r in rows],
+                published_at=max(r[2] for r in rows), event_offsets=[r[3] for r in rows],
+            )
+        self._unrecorded.clear()
+        self._recorded_at = time.monotonic()
