@@ -6,7 +6,8 @@
 
 - ingest: the raw kafka-python consume rate of a topic (the ceiling) and, in the same run on the
   same broker and topic, the rate at which `casm serve` consumes, validates and applies it to the
-  store, with training on (and refresh and drift scoring, as in production). Reports the ratio.
+  store, with training on and refresh on (and, unless --no-signals, test-then-train ranking and
+  drift detection). Reports the ratio.
 - freshness: `casm serve` fed at a steady rate while it fine-tunes; the distribution of event
   produce time -> refreshed recommendation published.
 - memory: a long synthetic run; the serve process's RSS sampled along the way and its peak.
@@ -74,6 +75,7 @@ def bench_ingest(args: argparse.Namespace) -> dict:
     with TemporaryDirectory() as tmp, EmbeddedBroker(BrokerConfig()) as broker:
         folder = Path(tmp)
         settings = settings_for(folder, broker.bootstrap)
+        settings.drift.enabled = not args.no_signals
         ensure_topics(broker.bootstrap, settings.kafka, settings.topics)
         events = generate(SyntheticConfig(n_events=args.events, seed=1)).events
         produce_rate = produce(settings, broker.bootstrap, events)
@@ -90,6 +92,7 @@ def bench_ingest(args: argparse.Namespace) -> dict:
     ingest = args.events / seconds
     return {
         "events": args.events,
+        "test_then_train_signals": not args.no_signals,
         "produce_events_per_s": round(produce_rate),
         "raw_consume_events_per_s": round(raw),
         "serve_ingest_events_per_s": round(ingest),
@@ -165,6 +168,8 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=2000, help="freshness: events/s")
     parser.add_argument("--users", type=int, default=20_000, help="memory: users of the synthetic stream")
     parser.add_argument("--sample-s", type=float, default=5.0, help="memory: RSS sampling period")
+    parser.add_argument("--no-signals", action="store_true",
+                        help="ingest: without test-then-train ranking and drift detection (drift.enabled=false)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
     defaults = {"ingest": 200_000, "freshness": 60_000, "memory": 1_000_000}

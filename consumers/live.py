@@ -319,7 +319,8 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
     """Poll the topics, show progress, sample a timeline; True when drained in time."""
     state = monitor.state
     bar = tqdm(total=total, unit="ev", desc="live", disable=not progress, mininterval=0.5)
-    last_sample, sent_done_at = 0.0, None
+    last_sample = 0.0
+    progress_mark, progress_at = (-1, -1), time.monotonic()
     window: list[tuple[float, int]] = []
     try:
         while True:
@@ -332,7 +333,7 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
                 window.append((now, state.events))
                 window[:] = [w for w in window if w[0] >= now - cfg.rate_window_s]
                 rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9) if len(window) > 1 else 0.0
-                summary = monitor.scorer.summary()
+                summary = monitor.scorer.running(cfg.progress_recent_lists)
                 health = serve.health() or {}
                 metrics = serve.metrics()
                 point = {
@@ -358,13 +359,14 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
             if serve.process.poll() is not None:
                 log.error("casm serve exited early (code %s); see %s", serve.process.returncode, serve.log_path)
                 return False
+            if (state.events, state.recommendations) != progress_mark:
+                progress_mark, progress_at = (state.events, state.recommendations), now
             if not sender.is_alive():
-                sent_done_at = sent_done_at or now
                 if state.events >= total and state.users_behind() == 0:
                     return True
-                if now - sent_done_at > cfg.drain_timeout_s:
-                    log.warning("%d users' newest events not reflected %s s after the replay",
-                                state.users_behind(), cfg.drain_timeout_s)
+                if now - progress_at > cfg.drain_timeout_s:
+                    log.warning("no progress for %s s with %d users' newest events not reflected",
+                                cfg.drain_timeout_s, state.users_behind())
                     return False
     finally:
         bar.close()

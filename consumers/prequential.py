@@ -90,6 +90,8 @@ class PrequentialScorer:
         self._seq = 0
         self.scored: list[ScoredEvent] = []
         self.freshness_ms: list[float] = []
+        self.target_hits = 0  # running counts for progress displays
+        self.target_warm = 0
         self.events_seen: dict[str, int] = defaultdict(int)
 
     def recommendation(
@@ -147,6 +149,19 @@ class PrequentialScorer:
         items, version, source = lists.lists[index - 1]
         rank = items.index(item) if item in items else None
         self.scored.append(ScoredEvent(position, history, user, behaviour, rank, version, source, cold=False))
+        if behaviour == self.target:
+            self.target_warm += 1
+            self.target_hits += rank is not None
+
+    def running(self, recent: int) -> dict[str, float]:
+        """Cheap progress figures: HR@K of warm target events so far, freshness p50/p99 (ms) of
+        the last `recent` lists."""
+        fresh = np.asarray(self.freshness_ms[-recent:], dtype=float)
+        return {
+            f"hr@{self.k}": self.target_hits / self.target_warm if self.target_warm else float("nan"),
+            "freshness_p50_ms": float(np.percentile(fresh, 50)) if fresh.size else float("nan"),
+            "freshness_p99_ms": float(np.percentile(fresh, 99)) if fresh.size else float("nan"),
+        }
 
     def summary(self, window_events: int = 0) -> dict[str, Any]:
         """Metrics of warm target events (headline), per behaviour, by source, per window of

@@ -109,7 +109,8 @@ class LiveConfig(BaseModel):
     start_timeout_s: float = Field(180.0, gt=0, description="Longest wait for `casm serve` to get its partitions.")
     stop_timeout_s: float = Field(180.0, gt=0, description="Longest wait for `casm serve` to stop cleanly.")
     drain_timeout_s: float = Field(
-        120.0, gt=0, description="After the replay, longest wait for every user's newest event to be reflected."
+        120.0, gt=0, description="After the replay, give up waiting for every user's newest event to be "
+        "reflected when no new recommendation arrived for this long."
     )
     sample_every_s: float = Field(1.0, gt=0, description="Progress display and timeline sampling period.")
     freshness_edges_ms: list[float] = Field(
@@ -117,6 +118,9 @@ class LiveConfig(BaseModel):
         description="Bin edges (ms) of the freshness histogram in reports.",
     )
     rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
+    progress_recent_lists: int = Field(
+        5_000, ge=1, description="Freshness shown while running: percentiles of the last this many lists."
+    )
     full_speed_poll_records: int = Field(
         20, ge=1, description="Stream evaluation at full speed: the service polls at most this many events "
         "at a time (it refreshes lists once per poll, so this sets what the evaluation can credit)."

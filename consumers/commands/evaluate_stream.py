@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recommender", choices=["casm", "popularity"], default=None,
                         help="what serves: CASM or the most-popular baseline [serve.recommender]")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N events")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="partitions of the topics this run creates [1 at --max, else topics.partitions]")
     parser.add_argument("--training", choices=["sync", "async"], default=None,
                         help="sync: consumption waits for each fine-tuning round, so results do not depend on "
                         "machine speed [sync at --max, else serve.synchronous_training]")
@@ -88,6 +90,12 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         # the evaluation can credit (a paced stream has small polls by itself).
         settings.kafka.max_poll_records = min(settings.kafka.max_poll_records, settings.live.full_speed_poll_records)
         settings.serve.refresh_max_delay_ms = 0
+        if args.partitions is None:
+            # A backlog of several partitions is consumed one partition after another, so the model
+            # would see one partition's future before another's past: one partition keeps log order.
+            settings.topics.partitions = 1
+    if args.partitions is not None:
+        settings.topics.partitions = args.partitions
     run_dir = args.report_dir or settings.live.runs_dir / (
         f"evaluate-stream-{name}-{settings.serve.recommender}-{settings.drift.policy}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
