@@ -1,8 +1,8 @@
 """Offline evaluation: a historical log through the paper's protocol, for several model variants
 and seeds, with the mean and standard deviation of every metric.
 
-Composes `stream.logs` (reading), `casm_core` (split, training, scoring, metrics); the
-`casm evaluate` command is a thin wrapper around `run_offline_evaluation`.
+Composes `stream.logs` (reading) and `casm_core` (split, training, scoring, metrics); the
+`casm evaluate` command reads the log, makes the split and runs `run_variant` per variant and seed.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from casm_core.baselines import MostPopular
+from casm_core.model import CASM
 from casm_core.protocol import EncodedEvents, Split, evaluate, heldout_split, leave_one_out
 from casm_core.scoring import Scorer
 from casm_core.trainer import Trainer, resolve_device
@@ -143,13 +143,6 @@ def variant_settings(settings: CasmSettings, variant: Variant, seed: int) -> Cas
     return CasmSettings.model_validate(data)
 
 
-def _scorer_fn(trainer: Trainer, target: int):
-    def score_all(items: np.ndarray, behaviours: np.ndarray) -> torch.Tensor:
-        return Scorer(trainer.model, target).score_all(items, behaviours)
-
-    return score_all
-
-
 def run_variant(
     split: Split, encoded: EncodedLog, settings: CasmSettings, variant: Variant, seed: int
 ) -> dict[str, Any]:
@@ -169,12 +162,13 @@ def run_variant(
     target = vs.behaviours.target_index()
     width = vs.model.max_len
 
-    def validate(model: torch.nn.Module) -> dict[str, float]:
-        return evaluate(_scorer_fn(trainer, target), split.validation, split.history, width, cfg.ks, cfg.batch_size)
+    def validate(model: CASM) -> dict[str, float]:
+        scorer = Scorer(model, target)  # the weights of this moment, for every batch
+        return evaluate(scorer.score_all, split.validation, split.history, width, cfg.ks, cfg.batch_size)
 
     report = trainer.fit(split.train, validate, progress=settings.progress, description=f"{variant.name} seed {seed}")
     test = evaluate(
-        _scorer_fn(trainer, target), split.test, split.history, width, cfg.ks, cfg.batch_size,
+        Scorer(trainer.model, target).score_all, split.test, split.history, width, cfg.ks, cfg.batch_size,
         progress=settings.progress, description="test",
     )
     return {

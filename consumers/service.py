@@ -43,6 +43,7 @@ from consumers.settings import CasmSettings
 from consumers.signals import SignalWatch
 from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training_worker import FineTuneJob, TrainedVersion, TrainingWorker, WorkerInit
+from state.errors import InvalidEventError
 from state.store import StateStore
 from stream.clients import caught_up, lag, make_consumer, make_producer
 from stream.deadletters import DeadLetterPublisher
@@ -286,7 +287,12 @@ class Service:
                 events, self._not_yet_applied(events),
                 scorer if self.cfg.recommender == "casm" else None, version, self._events_applied_total,
             )
-        result = self.store.apply(events, offsets)
+        result, refused = self._apply(events, offsets, flat)
+        if refused:
+            self.dead_letters.publish(refused)
+            for letter in refused:
+                self.metrics.dead_letters.labels(letter.kind).inc()
+            self.report.dead_letters += len(refused)
         self.publisher.touch(result.touched_users, time.monotonic())
         if job is not None:
             self.publisher.submit(job)
@@ -300,6 +306,27 @@ class Service:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         # Kafka's committed offsets are informational (monitoring tools); the store is the truth.
         self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+
+    def _apply(self, events, offsets, records: list) -> tuple:
+        """Apply the batch; rows the store refuses although the decoder passed them (its rules
+        are the same settings, so this should not happen) become dead letters, and the rest is
+        applied, rather than the loop stopping on them."""
+        try:
+            return self.store.apply(events, offsets), []
+        except InvalidEventError as exc:
+            if exc.rows.size == 0:
+                raise
+            by_position = {(r.partition, r.offset): r for r in records}
+            partitions, positions = events.column("partition").to_pylist(), events.column("offset").to_pylist()
+            refused = [
+                self.validator.dead_letter(by_position[(partitions[row], positions[row])], "invalid_event",
+                                           f"refused by the state store: {reason}")
+                for row, reason in zip(exc.rows.tolist(), exc.reasons, strict=True)
+            ]
+            log.warning("the state store refused %d events the decoder accepted: %s", len(refused), exc)
+            keep = np.ones(events.num_rows, dtype=bool)
+            keep[exc.rows] = False
+            return self.store.apply(events.filter(keep), offsets), refused
 
     def _not_yet_applied(self, events) -> np.ndarray:
         """Rows of `events` whose offset the store has not consumed (redeliveries are not)."""

@@ -203,3 +203,35 @@ def test_a_new_item_is_recommendable_after_the_next_fine_tune(
     finally:
         service.stop()
         service.run(until=lambda s: True)
+
+
+def test_rows_the_store_refuses_become_dead_letters_and_the_rest_is_applied(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    from state.errors import InvalidEventError
+
+    settings = service_settings(tmp_path, kafka_config, topic_names)
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    events = [{"user_id": "u", "item_id": f"i{k}", "behavior": "pv", "timestamp": 1.7e9 + k} for k in range(3)]
+    produce(kafka_bootstrap, settings, events)
+    service = Service(settings, kafka_bootstrap)
+    apply = service.store.apply
+
+    def stricter(table, offsets):
+        if "i1" in table.column("item_id").to_pylist():
+            row = table.column("item_id").to_pylist().index("i1")
+            raise InvalidEventError("one bad row", rows=[row], reasons=["a rule the decoder lacks"])
+        return apply(table, offsets)
+
+    service.store.apply = stricter
+    try:
+        run_until(service, lambda: service.report.events_applied == 2 and service.publisher.pending == 0)
+        assert service.report.dead_letters == 1
+        assert sum(service.store.offsets(settings.topics.behaviours).values()) == 3  # the refused one is consumed too
+    finally:
+        service.stop()
+        service.run(until=lambda s: True)
+    letters = read_topic(settings.kafka, kafka_bootstrap, settings.topics.dead_letters, timeout_s=30)
+    assert len(letters) == 1
+    letter = json.loads(letters[0].value)
+    assert letter["kind"] == "invalid_event" and "refused by the state store" in letter["reason"]
