@@ -64,6 +64,14 @@ def bench_detectors(seeds: int, length: int) -> dict:
     return {"seeds": seeds, "updates_per_stream": length, "detectors": results}
 
 
+# The experiment starts from alpha calibrated to the world before the drift (alpha_b ~ b's
+# conversion, the target 1), as an operator would have set it; the drift then makes it wrong.
+CALIBRATED_ALPHA = {"pv": 0.07, "cart": 0.5, "fav": 0.05, "buy": 1.0}
+# More training per event than the service's defaults, so the model is worth re-weighting
+# within a stream of this length.
+TRAINING = ["--serve.fine-tune-every-events", "2500", "--serve.fine-tune-steps", "48"]
+
+
 def synthetic(events: int, drift_at: int | None, seed: int) -> dict:
     config: dict = {"n_events": events, "seed": seed, "fav_conversion": 0.05}
     if drift_at is not None:
@@ -81,7 +89,8 @@ def evaluate(folder: Path, config: dict, policy: str, extra: list[str]) -> dict:
         "--report-dir", str(folder), "--progress", "false",
         "--synthetic.n-events", str(config["n_events"]), "--synthetic.seed", str(config["seed"]),
         "--synthetic.fav-conversion", str(config["fav_conversion"]),
-        "--synthetic.drifts", json.dumps(config.get("drifts", [])), *extra,
+        "--synthetic.drifts", json.dumps(config.get("drifts", [])),
+        "--behaviours.alpha", json.dumps(CALIBRATED_ALPHA), *TRAINING, *extra,
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((folder / "metrics.json").read_text())
