@@ -189,22 +189,31 @@ def format_report(m: dict[str, Any]) -> str:
             f"HR@{k} {_f(cold['new'][f'hr@{k}'])} over {cold['new']['n']:,} vs {_f(cold['established'][f'hr@{k}'])} "
             f"over {cold['established']['n']:,}.",
         ]
+    lines += ["", "## The model of each moment: test-then-train ranks", ""]
+    if not tt["sampled"]["n"]:
+        lines.append(f"Not measured: recommender `{m['recommender']}` has no model to rank with.")
+    else:
+        lines += [
+            f"Each target event ranked by the model of that moment before it trains on it, against "
+            f"{tt.get('num_sampled')} sampled items the user never touched (as the paper) and against every item.",
+            "",
+            f"| protocol | events | HR@{k} | NDCG@{k} | MRR |",
+            "| --- | --- | --- | --- | --- |",
+            f"| sampled | {tt['sampled']['n']:,} | {_f(tt['sampled'][f'hr@{k}'])} | {_f(tt['sampled'][f'ndcg@{k}'])} | {_f(tt['sampled']['mrr'])} |",
+            f"| full ranking | {tt['full']['n']:,} | {_f(tt['full'][f'hr@{k}'])} | {_f(tt['full'][f'ndcg@{k}'])} | {_f(tt['full']['mrr'])} |",
+            f"| full, unknown items as misses | {tt['full_all']['n']:,} | {_f(tt['full_all'][f'hr@{k}'])} | {_f(tt['full_all'][f'ndcg@{k}'])} | {_f(tt['full_all']['mrr'])} |",
+        ]
     lines += [
-        "",
-        f"## The model of each moment: test-then-train ranks ({tt.get('num_sampled')} sampled negatives, as the paper)",
-        "",
-        f"| protocol | events | HR@{k} | NDCG@{k} | MRR |",
-        "| --- | --- | --- | --- | --- |",
-        f"| sampled | {tt['sampled']['n']:,} | {_f(tt['sampled'][f'hr@{k}'])} | {_f(tt['sampled'][f'ndcg@{k}'])} | {_f(tt['sampled']['mrr'])} |",
-        f"| full ranking | {tt['full']['n']:,} | {_f(tt['full'][f'hr@{k}'])} | {_f(tt['full'][f'ndcg@{k}'])} | {_f(tt['full']['mrr'])} |",
-        f"| full, unknown items as misses | {tt['full_all']['n']:,} | {_f(tt['full_all'][f'hr@{k}'])} | {_f(tt['full_all'][f'ndcg@{k}'])} | {_f(tt['full_all']['mrr'])} |",
         "",
         "## Freshness (event produced -> recommendation published)",
         "",
         f"p50 {_f(pq.get('freshness_p50_ms'), 0)} ms, p90 {_f(pq.get('freshness_p90_ms'), 0)} ms, "
         f"p99 {_f(pq.get('freshness_p99_ms'), 0)} ms, max {_f(pq.get('freshness_max_ms'), 0)} ms over "
         f"{pq.get('freshness_count', 0):,} recommendations. Histogram (ms): "
-        + ", ".join(f"{label}: {n:,}" for label, n in pq.get("freshness_histogram", [])),
+        + ", ".join(f"{label}: {n:,}" for label, n in pq.get("freshness_histogram", []))
+        + (" (the whole log was produced before the service started consuming, so these times are "
+           "the backlog's age, not the service's freshness: pace the replay with --rate or --speed "
+           "to measure freshness)" if m.get("produced_first") else ""),
         "",
         "## Per window of the stream (target events)",
         "",

@@ -90,6 +90,11 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         # the evaluation can credit (a paced stream has small polls by itself).
         settings.kafka.max_poll_records = min(settings.kafka.max_poll_records, settings.live.full_speed_poll_records)
         settings.serve.refresh_max_delay_ms = 0
+        # A backlog is consumed faster than lists can be refreshed; in step with the publisher
+        # (one batch ahead at most), every list reflects the batch before, as a service keeping
+        # up with a live stream would, and recommenders are compared on their lists, not on
+        # how fast they make them.
+        settings.serve.publisher_queue_batches = 1
         if args.partitions is None:
             # A backlog of several partitions is consumed one partition after another, so the model
             # would see one partition's future before another's past: one partition keeps log order.
@@ -126,6 +131,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "data": label,
         "events": events.num_rows,
         "pace": str(pacing),
+        "produced_first": fastest,
         "policy": settings.drift.policy,
         "recommender": settings.serve.recommender,
         "target": settings.behaviours.target,
