@@ -11,7 +11,7 @@
   `casm serve`, published lists scored on later buys) once with the `fixed` and once with the
   adaptive (`conversion`) policy. Reports prequential HR@10 before and after the drift, the events
   the policy needs to recover to 90% of the pre-drift level, when alpha_cart / alpha_fav moved,
-  and HR@10 on the stationary stream; writes a table (drift.md), a plot (drift_hr.png) and the
+  and HR@10 on the stationary stream; writes the summary (drift.json), a plot (drift_hr.png) and the
   raw metrics next to them.
 """
 
