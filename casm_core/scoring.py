@@ -40,12 +40,8 @@ class Scorer:
         column 0 (padding) is -inf. Items unknown to the model are clipped to padding."""
         items_t = self._tensor(items)
         items_t = torch.where(items_t > self.num_items, torch.zeros_like(items_t), items_t)
-        return self.scores_of(self.model.user_representation(items_t, self._tensor(behaviours)))
-
-    @torch.inference_mode()
-    def scores_of(self, representations: torch.Tensor) -> torch.Tensor:
-        """Scores [n, num_items + 1] of every item for representations [n, d]; column 0 is -inf."""
-        scores = representations @ self.candidates.T
+        users = self.model.user_representation(items_t, self._tensor(behaviours))
+        scores = users @ self.candidates.T
         scores[:, 0] = -torch.inf
         return scores
 
