@@ -73,6 +73,38 @@ class ModelConfig(_Section):
         "items only.",
     )
     init_std: float = Field(0.02, gt=0.0, description="Std of the normal init of item and context embeddings.")
+    target_conditioning: Literal["none", "film"] = Field(
+        "none",
+        description="How the behaviour we score for enters the query. 'none': only through the candidate "
+        "embedding fuse([item; context]), which is linear, so every behaviour gives the same ranking (its "
+        "context term is a constant per query). 'film': the user representation h is scaled and shifted "
+        "per target behaviour, q = h * (1 + gamma_b) + beta_b (tables initialised at 0), so the ranking "
+        "for buy can differ from the one for pv.",
+    )
+    repeat_score: bool = Field(
+        False,
+        description="Add a repeat-aware term to the score of items in the user's window: for every "
+        "earlier occurrence of the candidate, a learned weight per (target behaviour, that occurrence's "
+        "behaviour, age bucket), summed, plus a repeat gate from the user representation and the target "
+        "behaviour (a learned repeat/explore mix, as RepeatNet). Only window items get the term, so full "
+        "ranking stays one matrix product plus a scatter. Causal: at position t only events <= t count.",
+    )
+    repeat_age_buckets: int = Field(
+        8, ge=1, description="Age buckets of the repeat term: an occurrence a positions before the query "
+        "falls in bucket min(floor(log2(a + 1)), repeat_age_buckets - 1).",
+    )
+    repeat_base_scale_init: float = Field(
+        -1.0, ge=-1.0, description="With repeat_score, a window item's score is its repeat term plus "
+        "(1 + s) times its base score, s learned per target behaviour; this is the start of s. -1: window "
+        "items start scored by the repeat term alone (RepeatNet's repeat mode), and learn how much of "
+        "the base score to take in; 0: the full base score.",
+    )
+    behaviour_attention: bool = Field(
+        False,
+        description="HMAR's behaviour-masked attention, leak-free: before the global blocks, one block "
+        "in which each position attends, per behaviour b, only to earlier events of behaviour b; the "
+        "per-behaviour outputs are summed.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -101,11 +133,40 @@ class TrainConfig(_Section):
         description="Which L+1 events of a longer history a training sequence uses each epoch: the "
         "last ones, or a window ending at a random event (more distinct examples per user).",
     )
-    max_epochs: int = Field(200, ge=1, description="Upper bound on offline epochs.")
-    patience: int = Field(
-        8, ge=1, description="Stop after this many validations without improvement (offline)."
+    max_steps: int = Field(3_000, ge=1, description="Upper bound on offline optimisation steps.")
+    validate_every_steps: int = Field(100, ge=1, description="Steps between validations (offline).")
+    patience_steps: int = Field(
+        1_000, ge=1, description="Stop when validation has not improved for this many steps (offline)."
     )
-    validate_every: int = Field(2, ge=1, description="Epochs between validations (offline).")
+    warmup_steps: int = Field(
+        100, ge=0, description="Offline: the learning rate rises linearly from 0 over these steps."
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="Offline learning rate after warm-up: constant, or cosine decay to "
+        "min_lr_ratio * learning_rate at max_steps. Fine-tuning on the stream uses the constant rate.",
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Final learning rate of the cosine decay, as a share.")
+    sampling: Literal["users", "events"] = Field(
+        "users",
+        description="Offline batches: 'users' passes over the users in random order (each user once per "
+        "pass, a window ending at a random event when window='random'); 'events' draws windows ending "
+        "at events drawn uniformly from the whole corpus, so every window of a long history is as "
+        "likely as any other.",
+    )
+    window_negatives: int = Field(
+        0, ge=0, description="Extra negatives per position drawn from the user's own earlier events "
+        "(never the positive item). The repeat-aware score needs them: the sampled negatives never "
+        "touch the user's items, so without them nothing teaches it which window items not to repeat.",
+    )
+    repeat_lr_scale: float = Field(
+        10.0, gt=0.0, description="Learning rate of the repeat-aware score's small tables, as a multiple "
+        "of learning_rate: a few hundred weights that start at 0 and must move by whole logits, next to "
+        "embeddings that move a little each.",
+    )
+    next_behaviour_weight: float = Field(
+        0.0, ge=0.0, description="Weight of HMAR's auxiliary loss: cross-entropy of the next event's "
+        "behaviour predicted from the representation of each position (0: off).",
+    )
     early_stopping_metric: str = Field(
         "sampled.ndcg@10", description="Validation metric to maximise, '<sampled|full>.<hr|ndcg>@K'."
     )
@@ -114,7 +175,8 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """The evaluation protocol: leave-one-out on the last target event, sampled and full ranking."""
+    """The evaluation protocol: leave-one-out on the last target event (or a global time cut),
+    sampled and full ranking, bootstrap intervals over users."""
 
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20], description="Cut-offs K of HR@K and NDCG@K.")
     num_sampled_negatives: int = Field(
@@ -130,3 +192,51 @@ class EvalConfig(_Section):
         description="Held-out test items only: validate on each user's last event of these "
         "behaviours (empty: of any behaviour).",
     )
+    split: Literal["last", "time_cut"] = Field(
+        "last",
+        description="'last': leave-one-out, test on each user's last target event, validate on the one "
+        "before. 'time_cut': every target event at or after the time_cut_test_quantile of event time is "
+        "a test case, every one in [time_cut_validation_quantile, time_cut_test_quantile) a validation "
+        "case; training uses only events before the validation cut (needs timestamps; not with "
+        "held-out test items).",
+    )
+    time_cut_validation_quantile: float = Field(
+        0.6, gt=0.0, lt=1.0,
+        description="split=time_cut: quantile of all event times where validation cases begin and "
+        "training events end.",
+    )
+    time_cut_test_quantile: float = Field(
+        0.7, gt=0.0, lt=1.0,
+        description="split=time_cut: quantile of all event times where test cases begin (above the "
+        "validation quantile).",
+    )
+    full_exclude_history: bool = Field(
+        False,
+        description="Full ranking: remove from competition every item of the user's events before the "
+        "case (the whole input history, not only the model's window), never the positive itself. "
+        "Suits sets where an item is met once (MovieLens rates a movie once); keep it off where "
+        "users return to items (Taobao re-buys): there the positive would be the only history item "
+        "left, which gives it away.",
+    )
+    bootstrap_replicates: int = Field(
+        1000, ge=1, description="Resamples of the evaluated users for the percentile bootstrap intervals."
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resamples (the same for every variant).")
+    bootstrap_confidence: float = Field(
+        0.95, gt=0.0, lt=1.0, description="Coverage of the bootstrap intervals (0.95: the 2.5 and 97.5 percentiles)."
+    )
+    table_k: int = Field(
+        10, ge=1, description="Cut-off K of HR@K and NDCG@K in the printed tables (one of `ks`; the JSON "
+        "result holds every K)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.time_cut_validation_quantile >= self.time_cut_test_quantile:
+            raise ValueError(
+                f"time_cut_validation_quantile={self.time_cut_validation_quantile} must be below "
+                f"time_cut_test_quantile={self.time_cut_test_quantile}"
+            )
+        if self.table_k not in self.ks:
+            raise ValueError(f"table_k={self.table_k} must be one of ks={self.ks}")
+        return self

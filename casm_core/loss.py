@@ -30,12 +30,17 @@ def weighted_bce(
     negative_logits: torch.Tensor,
     positive_weight: torch.Tensor,
     has_target: torch.Tensor,
+    negative_mask: torch.Tensor | None = None,
 ) -> WeightedBCE:
     """positive_logits [B, W]; negative_logits [B, W, K]; positive_weight [B, W] (alpha of the
-    positive's behaviour); has_target bool [B, W]."""
+    positive's behaviour); has_target bool [B, W]; negative_mask bool [B, W, K] (None: every
+    negative counts)."""
     # -log(sigmoid(x)) = softplus(-x) and -log(1 - sigmoid(x)) = softplus(x), without overflow.
     positive_term = F.softplus(-positive_logits) * positive_weight
-    negative_term = F.softplus(negative_logits).sum(dim=-1)
+    negative_loss = F.softplus(negative_logits)
+    if negative_mask is not None:
+        negative_loss = negative_loss * negative_mask.to(negative_loss.dtype)
+    negative_term = negative_loss.sum(dim=-1)
     mask = has_target.to(positive_logits.dtype)
     per_position = (positive_term + negative_term) * mask
     loss = per_position.sum() / mask.sum().clamp(min=1.0)

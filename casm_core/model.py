@@ -7,6 +7,20 @@ layer norm, dropout) turns a sequence into one representation per position. A ca
 embedded the same way with a behaviour as its context (the target behaviour when recommending)
 and scored by the dot product with the representation of the last position.
 
+Options (`ModelConfig`, each off by default and testable alone):
+
+* ``target_conditioning='film'``: the query is ``h * (1 + gamma_b) + beta_b`` for the behaviour b
+  we score for. Without it the context cannot change a ranking: fuse is linear, so the candidate
+  embedding is ``W1 e_item + (W2 c_b + bias)`` and the second term adds the same to every
+  candidate of one query.
+* ``repeat_score``: score(i) += sum over the window's occurrences j of item i of
+  ``phi[b, b_j, bucket(age_j)]`` plus, when i is in the window at all, a gate
+  ``u_b . h + c_b`` (the repeat/explore mix); each of phi, u, c is a table row shared by all
+  target behaviours plus the row of b. Items outside the window get nothing, so full
+  ranking is the matrix product plus a scatter over the window.
+* ``behaviour_attention``: a first block where each position attends, per behaviour, to earlier
+  events of that behaviour only, the per-behaviour results summed (HMAR, without its leaks).
+
 Shapes: sequences are int64 ``[B, W]``, left-padded with 0 (the newest event in the last column),
 ``W <= max_len``. Positions are counted from the right, so the same events give the same output
 whatever the padded width of the batch. With ``use_context=False`` the model is SASRec: item
@@ -62,6 +76,42 @@ class SelfAttentionBlock(nn.Module):
         return (x + self.ffn(self.ffn_norm(x))) * keep
 
 
+class BehaviourMaskedBlock(SelfAttentionBlock):
+    """HMAR's behaviour-masked attention: per behaviour b, causal attention restricted to keys of
+    behaviour b (shared projections), the per-behaviour outputs summed; then the FFN."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor, behaviours: torch.Tensor
+    ) -> torch.Tensor:
+        """x [B, W, d]; attend bool [B, 1, W, W] (causal, real keys); behaviours int64 [B, W]."""
+        batch, width, dim = x.shape
+        q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, width, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        self_loop = torch.eye(width, dtype=torch.bool, device=x.device)
+        total = torch.zeros_like(q)
+        for behaviour in torch.unique(behaviours[behaviours > 0]).tolist():
+            keys = attend & (behaviours == behaviour)[:, None, None, :]
+            has_key = keys.any(-1, keepdim=True)  # [B, 1, W, 1]
+            # Rows without a key of this behaviour attend to themselves (no NaN) and are dropped.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keys | (self_loop & ~has_key),
+                dropout_p=self.dropout if self.training else 0.0,
+            )
+            total = total + out * has_key
+        attended = total.transpose(1, 2).reshape(batch, width, dim)
+        x = (x + self.attention_dropout(self.attention_out(attended))) * keep
+        return (x + self.ffn(self.ffn_norm(x))) * keep
+
+
+def age_buckets(ages: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Bucket min(floor(log2(age + 1)), num_buckets - 1) of non-negative int64 ages."""
+    return torch.floor(torch.log2(ages.clamp(min=0).double() + 1.0)).long().clamp(max=num_buckets - 1)
+
+
 class CASM(nn.Module):
     """CASM over `num_items` items and `num_behaviours` behaviours (padding index 0 not counted)."""
 
@@ -78,11 +128,42 @@ class CASM(nn.Module):
             self.fuse = None
         self.position_embedding = nn.Embedding(cfg.max_len, d)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.behaviour_block = BehaviourMaskedBlock(cfg) if cfg.behaviour_attention else None
         self.blocks = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.num_blocks))
         self.final_norm = nn.LayerNorm(d)
+        rows = num_behaviours + 1
+        # Per target behaviour tables, all zero at start: the options start as the plain model
+        # and learn their effect. In the repeat tables row 0 is shared by every target and added
+        # to the target's own row: the target is often rare (2 % of Taobao events), and learns
+        # from its own positions only what differs from the common repeat pattern.
+        self.target_scale = self.target_shift = None
+        if cfg.target_conditioning == "film":
+            self.target_scale = nn.Embedding(rows, d)
+            self.target_shift = nn.Embedding(rows, d)
+        self.repeat_weight = self.repeat_gate = self.repeat_gate_bias = self.repeat_base_scale = None
+        if cfg.repeat_score:
+            self.repeat_weight = nn.Embedding(rows, rows * cfg.repeat_age_buckets)  # [b*, (b_j, bucket)]
+            self.repeat_gate = nn.Embedding(rows, d)
+            self.repeat_gate_bias = nn.Embedding(rows, 1)
+            self.repeat_base_scale = nn.Embedding(rows, 1)  # window items' base score * (1 + this)
         self._init_weights()
 
+    def _behaviour_tables(self) -> list[nn.Embedding]:
+        """Tables with one row per behaviour (row 0 padding) that grow with the vocabulary."""
+        tables = [
+            self.context_embedding, self.target_scale, self.target_shift,
+            self.repeat_gate, self.repeat_gate_bias, self.repeat_base_scale,
+        ]
+        return [t for t in tables if t is not None]
+
     def _init_weights(self) -> None:
+        for table in self._behaviour_tables():
+            if table is not self.context_embedding:
+                nn.init.zeros_(table.weight)
+        if self.repeat_weight is not None:
+            nn.init.zeros_(self.repeat_weight.weight)
+            with torch.no_grad():  # shared row: window items start without their base score
+                self.repeat_base_scale.weight[0] = self.cfg.repeat_base_scale_init
         tables = [self.item_embedding, self.position_embedding]
         if self.context_embedding is not None:
             tables.append(self.context_embedding)
@@ -133,6 +214,8 @@ class CASM(nn.Module):
         # so that padded rows (all keys masked) do not produce NaNs. Their outputs are zeroed.
         self_loop = torch.eye(width, dtype=torch.bool, device=items.device)
         attend = causal & (real[:, None, None, :] | self_loop)  # [B, 1, W, W]
+        if self.behaviour_block is not None:
+            x = self.behaviour_block(x, causal & real[:, None, None, :], keep, behaviours)
         for block in self.blocks:
             x = block(x, attend, keep)
         return self.final_norm(x) * keep
@@ -141,10 +224,126 @@ class CASM(nn.Module):
         """Representation [B, d] of each sequence after its newest event (last column)."""
         return self.encode(items, behaviours)[:, -1, :]
 
+    def query(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The vector candidates are scored against: representations hidden [..., d] conditioned
+        on the behaviour `target` (int64 [...]) we score for; `hidden` itself without conditioning."""
+        if self.target_scale is None:
+            return hidden
+        return hidden * (1.0 + self.target_scale(target)) + self.target_shift(target)
+
+    def repeat_gate_of(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The repeat/explore mix [...]: added to every window item's score."""
+        gate = self._shared_plus(self.repeat_gate, target)
+        return (hidden * gate).sum(-1) + self._shared_plus(self.repeat_gate_bias, target).squeeze(-1)
+
+    def _shared_plus(self, table: nn.Embedding, target: torch.Tensor) -> torch.Tensor:
+        """Row 0 of a per-target table (shared by all targets) plus the rows of `target`."""
+        return table(target) + table.weight[0]
+
+    def _occurrence_weights(self, target: torch.Tensor, behaviours: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """phi[target, behaviour_j, bucket_j]: target int64 [B, T], behaviours and buckets int64
+        [B, T, J] (or [B, J] with T == 1 squeezed by the caller) -> [B, T, J]."""
+        rows = self._shared_plus(self.repeat_weight, target)  # [B, T, rows * buckets]
+        return rows.gather(-1, behaviours * self.cfg.repeat_age_buckets + buckets)
+
+    def candidate_logits(
+        self,
+        hidden: torch.Tensor,
+        items: torch.Tensor,
+        behaviours: torch.Tensor,
+        candidates: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [B, W, C] of candidates int64 [B, W, C] at every position of sequences items /
+        behaviours [B, W] with representations hidden [B, W, d] (from `encode`), scored for the
+        behaviour target int64 [B, W] (in training: the next event's behaviour): `base_logits`
+        plus `repeat_logits`. The full-ranking path (`full_logits`) gives the same numbers for
+        the last position."""
+        logits = self.base_logits(hidden, candidates, target)
+        if self.repeat_weight is None:
+            return logits
+        repeat, in_window = self.repeat_logits(hidden, items, behaviours, candidates, target)
+        scale = self._shared_plus(self.repeat_base_scale, target)  # [B, W, 1]
+        return logits * (1.0 + scale * in_window) + repeat
+
+    def base_logits(self, hidden: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The dot products [B, W, C] of the (target-conditioned) query with the candidates'
+        embeddings; arguments as `candidate_logits`."""
+        query = self.query(hidden, target)
+        embedded = self.embed(candidates, target.unsqueeze(-1).expand_as(candidates))
+        return (query.unsqueeze(2) * embedded).sum(-1)
+
+    def repeat_logits(
+        self,
+        hidden: torch.Tensor,
+        items: torch.Tensor,
+        behaviours: torch.Tensor,
+        candidates: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        """The repeat term [B, W, C] (0 for candidates outside the window up to each position)
+        and whether each candidate is in the window (float 0/1, [B, W, C]); arguments as
+        `candidate_logits`. Needs `repeat_score`."""
+        width = items.shape[1]
+        position = torch.arange(width, device=items.device)
+        ages = position[:, None] - position[None, :]  # [W(query), W(key)]
+        earlier = (ages >= 0) & (items != 0)[:, None, :]  # [B, W, W]
+        buckets = age_buckets(ages, self.cfg.repeat_age_buckets).expand(items.shape[0], -1, -1)
+        weights = self._occurrence_weights(target, behaviours[:, None, :].expand(-1, width, -1), buckets)
+        weights = weights * earlier
+        matched = ((candidates.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]).to(weights.dtype)
+        repeat = torch.einsum("btcj,btj->btc", matched, weights)
+        in_window = matched.amax(-1)
+        return repeat + in_window * self.repeat_gate_of(hidden, target).unsqueeze(-1), in_window
+
+    def full_logits(
+        self, items: torch.Tensor, behaviours: torch.Tensor, target: int, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [B, num_items + 1] of every item after sequences items / behaviours [B, W] for
+        behaviour `target`; `candidates` is ``candidate_matrix(target)`` (computed once by callers).
+        Column 0 (padding) holds junk: callers mask it."""
+        hidden = self.user_representation(items, behaviours)
+        target_t = torch.full((items.shape[0], 1), target, dtype=torch.int64, device=items.device)
+        logits = self.query(hidden, target_t[:, 0]) @ candidates.T
+        if self.repeat_weight is None:
+            return logits
+        width = items.shape[1]
+        ages = torch.arange(width - 1, -1, -1, device=items.device)  # the newest event has age 0
+        buckets = age_buckets(ages, self.cfg.repeat_age_buckets).expand(items.shape[0], 1, -1)
+        weights = self._occurrence_weights(target_t, behaviours[:, None, :], buckets)[:, 0] * (items != 0)
+        # Per distinct item once (at its newest occurrence): the gate, and the change of its base
+        # score by the window scale.
+        newest = ~(items[:, :, None] == items[:, None, :]).triu(diagonal=1).any(-1) & (items != 0)
+        gate = self.repeat_gate_of(hidden, target_t[:, 0])[:, None]
+        scale = self._shared_plus(self.repeat_base_scale, target_t[:, 0])  # [B, 1]
+        once = (gate + scale * logits.gather(1, items)) * newest
+        return logits.scatter_add(1, items, weights + once)
+
+    def next_behaviour_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., num_behaviours + 1] of the next event's behaviour from hidden [..., d]:
+        the context table read as an output layer (weights tied with the input), column 0 unused."""
+        table = self.context_embedding.weight if self.context_embedding is not None else None
+        if table is None or table.shape[1] != hidden.shape[-1]:
+            raise ValueError("the next-behaviour loss needs use_context and context_dim == hidden_dim")
+        return hidden @ table.T
+
     def candidate_matrix(self, behaviour: int) -> torch.Tensor:
         """Every item (row 0 = padding) embedded with context `behaviour`: [num_items + 1, d]."""
         items = torch.arange(self.item_embedding.num_embeddings, device=self.item_embedding.weight.device)
         return self.embed(items, torch.full_like(items, behaviour))
+
+    def _grow_repeat_weight(self, rows: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """Enlarge phi [rows, rows * buckets] in both axes; old weights keep their place (a
+        column is behaviour * buckets + bucket, so the old columns are a prefix), new ones are 0."""
+        table = self.repeat_weight
+        if table is None or rows <= table.num_embeddings:
+            return []
+        old, old_rows, buckets = table.weight, table.num_embeddings, self.cfg.repeat_age_buckets
+        grown = old.new_zeros(rows, rows * buckets)
+        grown[:old_rows, : old_rows * buckets] = old.detach()
+        table.weight = nn.Parameter(grown)
+        table.num_embeddings, table.embedding_dim = rows, rows * buckets
+        return [(old, table.weight)]
 
     def grow(self, num_items: int, num_behaviours: int | None = None) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Enlarge the item (and context) tables to hold `num_items` items (`num_behaviours`
@@ -152,14 +351,18 @@ class CASM(nn.Module):
         can carry its state over; empty when nothing grew."""
         replaced = []
         pairs = [(self.item_embedding, num_items + 1)]
-        if self.context_embedding is not None and num_behaviours is not None:
-            pairs.append((self.context_embedding, num_behaviours + 1))
+        if num_behaviours is not None:
+            pairs += [(table, num_behaviours + 1) for table in self._behaviour_tables()]
+            replaced += self._grow_repeat_weight(num_behaviours + 1)
         for table, rows in pairs:
             old = table.weight
             if rows <= old.shape[0]:
                 continue
             extra = torch.empty(rows - old.shape[0], old.shape[1], device=old.device, dtype=old.dtype)
-            nn.init.normal_(extra, std=self.cfg.init_std)
+            if table is self.item_embedding or table is self.context_embedding:
+                nn.init.normal_(extra, std=self.cfg.init_std)
+            else:
+                nn.init.zeros_(extra)
             new = nn.Parameter(torch.cat([old.detach(), extra], dim=0))
             table.weight = new
             table.num_embeddings = rows

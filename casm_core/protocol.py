@@ -9,11 +9,27 @@ their events. The test input is every event before the test event (the validatio
 Metrics on two candidate sets: (a) sampled: the positive against `num_sampled_negatives` items the
 user never interacted with (at any time), drawn once per split with a fixed seed so every model
 sees the same candidates; (b) full: the positive against every known item, nothing excluded
-(the positive is often an item the user viewed before buying, so excluding history would be wrong).
+by default (the positive is often an item the user viewed before buying, so excluding history would
+be wrong on Taobao). With ``exclude_history`` (setting ``eval.full_exclude_history``) every item of
+the user's events before the case, the whole history and not only the model's window, is removed
+from competition, never the positive itself (which may be one of them: a re-buy); this suits sets
+where an item is met once (MovieLens rates a movie once). Where users return to items it leaves the
+positive as the only history item in the ranking and so gives it away (on taobao_users 57-59 % of
+the test buys are items of the buyer's earlier events).
+
+`rank_cases` gives the 0-based rank of every case (sampled and full), so reports can bootstrap
+over users (`casm_core.bootstrap`); `evaluate` summarizes them into metrics.
 
 A variant for data sets whose test items are given apart from the log (``heldout_split``, e.g.
 Yelp's held-out "pos" items): the test input is the whole sequence, validation is each user's
 last event of the chosen validation behaviours.
+
+A larger evaluation for logs with few users and many target events (``time_cut_split``, setting
+``eval.split = "time_cut"``): event times t_val < t_test are quantiles of all events' timestamps.
+Every target event at or after t_test is a test case, every one in [t_val, t_test) a validation
+case; a case's input is all the user's events before it (events after a cut but before the case
+are input, which is causal). Training uses only the events before t_val, so no case (and nothing
+after one) is trained on. A user may have several cases. Needs ``EncodedEvents.timestamps``.
 """
 
 from __future__ import annotations
@@ -34,19 +50,22 @@ ScoreAll = Callable[[np.ndarray, np.ndarray], "np.ndarray | torch.Tensor"]
 @dataclass(frozen=True)
 class EncodedEvents:
     """A log as dense codes, in chronological order: users int64 [E] in 0..num_users-1, items
-    int64 [E] in 1..num_items, behaviours int64 [E] in 1..num_behaviours."""
+    int64 [E] in 1..num_items, behaviours int64 [E] in 1..num_behaviours, and optionally the event
+    times float64 [E] (unix seconds; needed by `time_cut_split` only)."""
 
     users: np.ndarray
     items: np.ndarray
     behaviours: np.ndarray
     num_users: int
     num_items: int
+    timestamps: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class EvalCases:
-    """One row per evaluated user: the input is the user's first `ends[i]` events of the history
-    corpus; `candidates[i]` is [positive, sampled negatives...]."""
+    """One row per evaluated case (a user, or with `time_cut_split` one of a user's target events):
+    the input is user `users[i]`'s first `ends[i]` events of the history corpus; `candidates[i]` is
+    [positive, sampled negatives...]. All int64, [N] ([N, 1 + negatives] for candidates)."""
 
     users: np.ndarray
     ends: np.ndarray
@@ -195,20 +214,91 @@ def heldout_split(
     return Split(_train_corpus(history, cut), history, validation, test, events.num_items, skipped)
 
 
-def evaluate(
+def _cases_between(
+    history: SequenceCorpus, times: np.ndarray, target: int, low: float, high: float, min_events: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Target events with time in [low, high) and at least `min_events` earlier events of their
+    user: (users, within-sequence positions, number of target events skipped as too early)."""
+    positions = np.flatnonzero((history.behaviours == target) & (times >= low) & (times < high))
+    users = np.searchsorted(history.offsets, positions, side="right") - 1
+    ends = positions - history.offsets[users]
+    keep = ends >= min_events
+    return users[keep], ends[keep], int((~keep).sum())
+
+
+def time_cut_split(
+    events: EncodedEvents,
+    target: int,
+    validation_quantile: float,
+    test_quantile: float,
+    num_sampled: int,
+    seed: int,
+    min_train_events: int = 1,
+) -> Split:
+    """Split at global event-time quantiles (module docstring): validation cases are the target
+    events in [t_val, t_test), test cases those at or after t_test, each needing
+    `min_train_events` earlier events of its user; training keeps every event before t_val."""
+    if events.timestamps is None:
+        raise ValueError("the time-cut split needs event timestamps")
+    if not 0.0 < validation_quantile < test_quantile < 1.0:
+        raise ValueError(f"need 0 < validation_quantile ({validation_quantile}) < test_quantile ({test_quantile}) < 1")
+    history = SequenceCorpus.from_events(events.users, events.items, events.behaviours, events.num_users)
+    times = np.asarray(events.timestamps, dtype=np.float64)[np.argsort(events.users, kind="stable")]
+    t_val, t_test = np.quantile(times, [validation_quantile, test_quantile])
+    val_users, val_ends, val_early = _cases_between(history, times, target, t_val, t_test, min_train_events)
+    test_users, test_ends, test_early = _cases_between(history, times, target, t_test, np.inf, min_train_events)
+    val_pos = history.items[history.offsets[val_users] + val_ends]
+    test_pos = history.items[history.offsets[test_users] + test_ends]
+    validation = EvalCases(
+        val_users, val_ends, val_pos,
+        _sampled_candidates(history, val_users, val_pos, events.num_items, num_sampled, seed),
+    )
+    test = EvalCases(
+        test_users, test_ends, test_pos,
+        _sampled_candidates(history, test_users, test_pos, events.num_items, num_sampled, seed + 1),
+    )
+    before = times < t_val
+    owners = np.repeat(np.arange(history.num_users), history.lengths)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(owners[before], minlength=history.num_users))]).astype(np.int64)
+    train = SequenceCorpus(offsets, history.items[before], history.behaviours[before])
+    skipped = {
+        f"validation target event with fewer than {min_train_events} earlier events": val_early,
+        f"test target event with fewer than {min_train_events} earlier events": test_early,
+    }
+    return Split(train, history, validation, test, events.num_items, skipped)
+
+
+def _history_mask(history: SequenceCorpus, users: np.ndarray, ends: np.ndarray, columns: int) -> np.ndarray:
+    """bool [len(users), columns]: item i of row r is among user `users[r]`'s first `ends[r]` events."""
+    rows = np.repeat(np.arange(len(users), dtype=np.int64), ends)
+    within = np.arange(rows.size, dtype=np.int64) - np.repeat(np.cumsum(ends) - ends, ends)
+    mask = np.zeros((len(users), columns), dtype=bool)
+    mask[rows, history.items[np.repeat(history.offsets[users], ends) + within]] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class CaseRanks:
+    """0-based ranks int64 [N] of each case's positive: among its sampled candidates, and in full
+    ranking (see `metrics`)."""
+
+    sampled: np.ndarray
+    full: np.ndarray
+
+
+def rank_cases(
     score_all: ScoreAll,
     cases: EvalCases,
     history: SequenceCorpus,
     width: int,
-    ks: Iterable[int],
     batch_size: int,
+    exclude_history: bool = False,
     progress: bool = False,
     description: str = "evaluate",
-) -> dict[str, float]:
-    """HR@K, NDCG@K and MRR of `cases`, sampled ("sampled." keys) and full ranking ("full."),
-    plus "users". `score_all(items, behaviours)` maps left-padded inputs [b, width] to scores
-    [b, num_items + 1] (column 0 is padding)."""
-    ks = list(ks)
+) -> CaseRanks:
+    """Ranks of every case, in case order. `score_all(items, behaviours)` maps left-padded inputs
+    [b, width] to scores [b, num_items + 1] (column 0 is padding). `exclude_history`: in full
+    ranking, items of the user's events before the case do not compete (the positive always does)."""
     sampled_ranks, full_ranks = [], []
     starts = range(0, len(cases), batch_size)
     for start in tqdm(starts, desc=description, disable=not progress, unit="batch", leave=False):
@@ -218,12 +308,41 @@ def evaluate(
         if torch.is_tensor(scores):
             scores = scores.float().cpu().numpy()
         rows = np.arange(scores.shape[0])[:, None]
+        excluded = (
+            _history_mask(history, cases.users[part], cases.ends[part], scores.shape[1]) if exclude_history else None
+        )
         sampled_ranks.append(rank_among(scores[rows, cases.candidates[part]]))
-        full_ranks.append(rank_in_full(scores, cases.positives[part]))
-    sampled = np.concatenate(sampled_ranks) if sampled_ranks else np.zeros(0, np.int64)
-    full = np.concatenate(full_ranks) if full_ranks else np.zeros(0, np.int64)
+        full_ranks.append(rank_in_full(scores, cases.positives[part], excluded))
+    empty = np.zeros(0, np.int64)
+    return CaseRanks(
+        np.concatenate(sampled_ranks) if sampled_ranks else empty,
+        np.concatenate(full_ranks) if full_ranks else empty,
+    )
+
+
+def summarize_ranks(ranks: CaseRanks, ks: Iterable[int]) -> dict[str, float]:
+    """HR@K, NDCG@K and MRR, sampled ("sampled." keys) and full ranking ("full."), plus "users"
+    (the number of cases)."""
+    ks = list(ks)
     return {
-        **summarize(sampled, ks, "sampled."),
-        **summarize(full, ks, "full."),
-        "users": float(len(cases)),
+        **summarize(ranks.sampled, ks, "sampled."),
+        **summarize(ranks.full, ks, "full."),
+        "users": float(ranks.sampled.size),
     }
+
+
+def evaluate(
+    score_all: ScoreAll,
+    cases: EvalCases,
+    history: SequenceCorpus,
+    width: int,
+    ks: Iterable[int],
+    batch_size: int,
+    progress: bool = False,
+    description: str = "evaluate",
+    exclude_history: bool = False,
+) -> dict[str, float]:
+    """`summarize_ranks` of `rank_cases`: HR@K, NDCG@K and MRR of `cases`, sampled and full, plus
+    "users"."""
+    ranks = rank_cases(score_all, cases, history, width, batch_size, exclude_history, progress, description)
+    return summarize_ranks(ranks, ks)

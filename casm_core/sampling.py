@@ -135,6 +135,24 @@ class TrainingBatch:
         return (self.input_items != 0) & (self.target_items != 0)
 
 
+def window_negatives(
+    input_items: np.ndarray, target_items: np.ndarray, count: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`count` negatives per position drawn from the user's own earlier events: for inputs
+    input_items [B, W] (left-padded) and next-event targets target_items [B, W], item
+    ``input_items[b, j]`` with j uniform over the real positions <= t; 0 (no negative) where the
+    draw is the positive itself or the position has no input. Returns int64 [B, W, count]."""
+    batch, width = input_items.shape
+    first = width - (input_items != 0).sum(axis=1)  # first real column of each row
+    t = np.arange(width)[None, :, None]
+    span = np.maximum(t - first[:, None, None] + 1, 1)
+    picks = first[:, None, None] + (rng.random((batch, width, count)) * span).astype(np.int64)
+    picks = np.minimum(picks, t)
+    drawn = np.take_along_axis(input_items, picks.reshape(batch, -1), axis=1).reshape(batch, width, count)
+    valid = (t >= first[:, None, None]) & (drawn != target_items[:, :, None])
+    return np.where(valid, drawn, 0)
+
+
 def training_batch(
     items: np.ndarray,
     behaviours: np.ndarray,
@@ -142,15 +160,20 @@ def training_batch(
     sampler: NegativeSampler,
     num_negatives: int,
     rng: np.random.Generator,
+    num_window_negatives: int = 0,
 ) -> TrainingBatch:
     """Shift windows items/behaviours [B, L+1] into inputs [B, L] and next-event targets, and
-    sample `num_negatives` negatives per position (excluded: keys ``row * (num_items+1) + item``)."""
+    sample `num_negatives` negatives per position (excluded: keys ``row * (num_items+1) + item``)
+    followed by `num_window_negatives` drawn from the row's earlier events (0 where none)."""
     batch, width = items.shape
     negatives = sampler.sample(rng, (batch, width - 1, num_negatives), excluded_keys, sampler.num_items + 1)
+    inputs, targets = items[:, :-1], items[:, 1:]
+    if num_window_negatives:
+        negatives = np.concatenate([negatives, window_negatives(inputs, targets, num_window_negatives, rng)], axis=2)
     return TrainingBatch(
-        input_items=items[:, :-1],
+        input_items=inputs,
         input_behaviours=behaviours[:, :-1],
-        target_items=items[:, 1:],
+        target_items=targets,
         target_behaviours=behaviours[:, 1:],
         negatives=negatives,
     )

@@ -24,6 +24,7 @@ class Scorer:
     def __init__(self, model: CASM, target_behaviour: int) -> None:
         self.model = model.eval()
         self.device = model.item_embedding.weight.device
+        self.target = target_behaviour
         with torch.inference_mode():
             self.candidates = model.candidate_matrix(target_behaviour)  # [N + 1, d]
 
@@ -38,12 +39,27 @@ class Scorer:
     def score_all(self, items: np.ndarray | torch.Tensor, behaviours: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Scores [B, num_items + 1] of every item after sequences items/behaviours [B, W];
         column 0 (padding) is -inf. Items unknown to the model are clipped to padding."""
-        items_t = self._tensor(items)
-        items_t = torch.where(items_t > self.num_items, torch.zeros_like(items_t), items_t)
-        users = self.model.user_representation(items_t, self._tensor(behaviours))
-        scores = users @ self.candidates.T
+        items_t = self._known(items)
+        scores = self.model.full_logits(items_t, self._tensor(behaviours), self.target, self.candidates)
         scores[:, 0] = -torch.inf
         return scores
+
+    def _known(self, items: np.ndarray | torch.Tensor) -> torch.Tensor:
+        items_t = self._tensor(items)
+        return torch.where(items_t > self.num_items, torch.zeros_like(items_t), items_t)
+
+    @torch.inference_mode()
+    def score_candidates(
+        self, items: np.ndarray, behaviours: np.ndarray, candidates: np.ndarray
+    ) -> torch.Tensor:
+        """Scores [B, C] of candidates int64 [B, C] after sequences items/behaviours [B, W],
+        through the training path (`CASM.candidate_logits` at the last position); equal to the
+        matching columns of `score_all`."""
+        items_t, behaviours_t = self._known(items), self._tensor(behaviours)
+        hidden = self.model.encode(items_t, behaviours_t)
+        target = torch.full(items_t.shape, self.target, dtype=torch.int64, device=self.device)
+        candidates_t = self._tensor(candidates)[:, None, :].expand(-1, items_t.shape[1], -1)
+        return self.model.candidate_logits(hidden, items_t, behaviours_t, candidates_t, target)[:, -1, :]
 
     @torch.inference_mode()
     def top_k(
@@ -55,10 +71,23 @@ class Scorer:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Best `k` items per sequence: (scores float32 [B, k], item indices int64 [B, k]), best
         first. `exclude` [B, M] lists item indices (0 = none) never to return for that row."""
-        scores = self.score_all(items, behaviours)
-        if exclude is not None and exclude.size:
-            excluded = self._tensor(exclude).clamp(max=self.num_items)
-            scores.scatter_(1, excluded, -torch.inf)
-        k = min(k, self.num_items)
-        best = torch.topk(scores, k, dim=1)
-        return best.values.float().cpu().numpy(), best.indices.cpu().numpy()
+        return top_k_of_scores(self.score_all(items, behaviours), k, exclude)
+
+
+def top_k_of_scores(
+    scores: np.ndarray | torch.Tensor, k: int, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best `k` columns per row of scores [B, num_items + 1] (column 0 is padding): (scores
+    float32 [B, k], item indices int64 [B, k]), best first. `exclude` [B, M] lists item indices
+    (0 = none) never to return for that row. The one top-K of every recommender (model and
+    baselines), offline and live. `scores` is overwritten (excluded columns set to -inf)."""
+    scores = torch.as_tensor(scores)
+    num_items = scores.shape[1] - 1
+    if exclude is not None and exclude.size:
+        excluded = torch.as_tensor(exclude, dtype=torch.int64, device=scores.device)
+        # Items beyond the scores (newer than the model) cannot be returned anyway: padding.
+        excluded = torch.where(excluded > num_items, torch.zeros_like(excluded), excluded)
+        scores.scatter_(1, excluded, -torch.inf)
+    scores[:, 0] = -torch.inf
+    best = torch.topk(scores, min(k, num_items), dim=1)
+    return best.values.float().cpu().numpy(), best.indices.cpu().numpy()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from casm_core.config import BehaviourConfig, ModelConfig, TrainConfig
@@ -48,15 +49,17 @@ class StepStats:
 
 @dataclass
 class FitReport:
-    """Outcome of offline training: epochs run, the best epoch and its validation metrics."""
+    """Outcome of offline training: steps run, the best step and its validation metrics; `epochs`
+    is the number of training sequences seen divided by the number of trainable users."""
 
-    epochs: int
-    best_epoch: int
+    steps: int
+    best_step: int
     best_metrics: dict[str, float]
     history: list[dict[str, float]]
     stopped_early: bool
     seconds: float = 0.0
     sequences_per_second: float = 0.0
+    epochs: float = 0.0
 
 
 class Trainer:
@@ -79,8 +82,13 @@ class Trainer:
         torch.manual_seed(train_cfg.seed)
         self.rng = np.random.default_rng(train_cfg.seed)
         self.model = CASM(model_cfg, len(self.items), len(self.behaviours.names)).to(self.device)
+        repeat = [p for name, p in self.model.named_parameters() if name.startswith("repeat_")]
+        rest = [p for name, p in self.model.named_parameters() if not name.startswith("repeat_")]
+        groups = [{"params": rest}]
+        if repeat:
+            groups.append({"params": repeat, "lr": train_cfg.learning_rate * train_cfg.repeat_lr_scale})
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(),
+            groups,
             lr=train_cfg.learning_rate,
             betas=train_cfg.adam_betas,
             weight_decay=train_cfg.weight_decay,
@@ -171,6 +179,8 @@ class Trainer:
         state = self.optimizer.state.pop(old, None)
         if state and keep_state:
             extra = new.shape[0] - old.shape[0]
+            if new.shape[1:] != old.shape[1:]:  # grown in more than rows: start its moments anew
+                return
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == old.shape:
                     state[key] = torch.cat([value, value.new_zeros((extra, *value.shape[1:]))])
@@ -187,30 +197,54 @@ class Trainer:
         return torch.as_tensor(array, dtype=torch.int64, device=self.device)
 
     def step(self, batch: TrainingBatch) -> StepStats:
-        """One optimisation step of the weighted BCE on `batch`."""
+        """One optimisation step of the weighted BCE (plus the next-behaviour loss when its
+        weight is set) on `batch`."""
         self.model.train()
         input_items = self._tensor(batch.input_items)
+        input_behaviours = self._tensor(batch.input_behaviours)
         target_items = self._tensor(batch.target_items)
         target_behaviours = self._tensor(batch.target_behaviours)
-        hidden = self.model.encode(input_items, self._tensor(batch.input_behaviours))  # [B, W, d]
-        # Positive and negatives share the positive event's behaviour as their context.
-        positive = self.model.embed(target_items, target_behaviours)
         negative_items = self._tensor(batch.negatives)
-        negative = self.model.embed(
-            negative_items, target_behaviours.unsqueeze(-1).expand_as(negative_items)
-        )
-        positive_logits = (hidden * positive).sum(-1)
-        negative_logits = (hidden.unsqueeze(2) * negative).sum(-1)
+        hidden = self.model.encode(input_items, input_behaviours)  # [B, W, d]
+        # Positive and negatives are scored for the positive event's behaviour.
+        candidates = torch.cat([target_items.unsqueeze(-1), negative_items], dim=-1)
+        logits = self.model.candidate_logits(hidden, input_items, input_behaviours, candidates, target_behaviours)
+        if self.train_cfg.window_negatives:
+            logits = logits - self._sampling_correction(input_items, candidates, self.sampler.num_items)
         has_target = self._tensor(batch.has_target).bool()
         weights = self._alpha_vector()[target_behaviours]
-        result = weighted_bce(positive_logits, negative_logits, weights, has_target)
+        result = weighted_bce(logits[..., 0], logits[..., 1:], weights, has_target, negative_items != 0)
+        loss = result.loss
+        if self.train_cfg.next_behaviour_weight > 0:
+            predicted = self.model.next_behaviour_logits(hidden)[has_target]
+            loss = loss + self.train_cfg.next_behaviour_weight * F.cross_entropy(predicted, target_behaviours[has_target])
         self.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        loss.backward()
         if self.train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_cfg.grad_clip)
         self.optimizer.step()
         self.steps += 1
         return self._stats(result.per_position, target_behaviours, has_target, result.loss.item())
+
+    def _sampling_correction(
+        self, items: torch.Tensor, candidates: torch.Tensor, num_items: int
+    ) -> torch.Tensor:
+        """log Q correction [B, W, C] of the training logits (Yi et al. 2019, "Sampling-bias-
+        corrected neural modeling"), for candidates ordered positive, K sampled, M window.
+        With negatives from two distributions, BCE learns a candidate's log-odds against the rate
+        at which it is drawn as a negative: K/N per item for the uniform sampler (which never
+        draws the user's own items), M * n_c / |w_t| for an item occurring n_c times among the
+        |w_t| window events up to t. Subtracting log(rate / (K/N)) from window items' logits in
+        training puts both on one scale, so at inference a window item's score is comparable
+        with any other item's. 0 for candidates outside the window."""
+        cfg = self.train_cfg
+        width = items.shape[1]
+        position = torch.arange(width, device=items.device)
+        earlier = (position[:, None] >= position[None, :]) & (items != 0)[:, None, :]  # [B, W, W]
+        counts = ((candidates.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]).sum(-1)
+        seen = earlier.sum(-1, keepdim=True).clamp(min=1)  # |w_t|, [B, W, 1]
+        rate_ratio = cfg.window_negatives * counts * num_items / (cfg.num_negatives * seen)
+        return torch.where(counts > 0, torch.log(rate_ratio.clamp(min=1e-12)), torch.zeros_like(rate_ratio, dtype=torch.float32))
 
     def _stats(
         self, per_position: torch.Tensor, behaviours: torch.Tensor, has_target: torch.Tensor, loss: float
@@ -234,7 +268,23 @@ class Trainer:
             ends = lengths
         items, behaviours = corpus.windows(users, ends, self.model_cfg.max_len + 1)
         excluded = corpus.item_keys(users, self.sampler.num_items + 1)
-        return training_batch(items, behaviours, excluded, self.sampler, self.train_cfg.num_negatives, self.rng)
+        return training_batch(
+            items, behaviours, excluded, self.sampler, self.train_cfg.num_negatives, self.rng,
+            self.train_cfg.window_negatives,
+        )
+
+    def _event_batch(self, corpus: SequenceCorpus, eligible: np.ndarray) -> TrainingBatch:
+        """A batch of windows ending at events drawn uniformly from `eligible` (corpus positions
+        with at least one earlier event of the same user)."""
+        picks = self.rng.choice(eligible, size=min(self.train_cfg.batch_size, eligible.size), replace=False)
+        users = np.searchsorted(corpus.offsets, picks, side="right") - 1
+        ends = picks - corpus.offsets[users] + 1
+        items, behaviours = corpus.windows(users, ends, self.model_cfg.max_len + 1)
+        excluded = corpus.item_keys(users, self.sampler.num_items + 1)
+        return training_batch(
+            items, behaviours, excluded, self.sampler, self.train_cfg.num_negatives, self.rng,
+            self.train_cfg.window_negatives,
+        )
 
     def _check_known(self, items: np.ndarray) -> None:
         largest = int(items.max(initial=0))
@@ -267,9 +317,12 @@ class Trainer:
         progress: bool = True,
         description: str = "train",
     ) -> FitReport:
-        """Train on every user of `corpus` with >= 2 events for up to max_epochs, validating every
-        `validate_every` epochs and stopping after `patience` validations without improvement of
-        `early_stopping_metric`; the best weights are restored at the end."""
+        """Train on the users of `corpus` with >= 2 events for up to `max_steps` optimisation
+        steps (learning rate warmed up over `warmup_steps`, then constant or cosine-decayed),
+        validating every `validate_every_steps` steps and stopping when `early_stopping_metric`
+        has not improved for `patience_steps` steps; the best weights are restored at the end.
+        Batches come from passes over the users (`sampling='users'`) or from events drawn
+        uniformly (`'events'`). `FitReport.epochs` counts steps' worth of passes over the users."""
         cfg = self.train_cfg
         self._check_known(corpus.items)
         self.grow()
@@ -278,57 +331,74 @@ class Trainer:
         users = np.flatnonzero(corpus.lengths >= 2)
         if users.size == 0:
             raise ValueError("no user has the two events a training sequence needs")
+        eligible = np.flatnonzero(np.arange(corpus.items.size) - np.repeat(corpus.offsets[:-1], corpus.lengths) >= 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: learning_rate_factor(cfg, step))
         history: list[dict[str, float]] = []
-        best_metric, best_epoch, best_metrics, best_state = -math.inf, 0, {}, None
-        stale = 0
+        best_metric, best_step, best_metrics, best_state = -math.inf, 0, {}, None
         started = time.perf_counter()
-        sequences = 0
-        bar = tqdm(range(1, cfg.max_epochs + 1), desc=description, disable=not progress, unit="epoch")
-        epoch = 0
-        for epoch in bar:
-            order = self.rng.permutation(users)
+        sequences, losses, order = 0, [], np.zeros(0, np.int64)
+        bar = tqdm(range(1, cfg.max_steps + 1), desc=description, disable=not progress, unit="step")
+        step = 0
+        stopped_early = False
+        for step in bar:
+            if cfg.sampling == "events":
+                batch = self._event_batch(corpus, eligible)
+            else:
+                if order.size == 0:
+                    order = self.rng.permutation(users)
+                batch, order = self._batch(corpus, order[: cfg.batch_size]), order[cfg.batch_size :]
+            losses.append(self.step(batch).loss)
+            schedule.step()
+            sequences += batch.input_items.shape[0]
+            if step % cfg.validate_every_steps and step != cfg.max_steps:
+                continue
+            record: dict[str, float] = {"step": step, "loss": float(np.mean(losses)), "lr": schedule.get_last_lr()[0]}
             losses = []
-            for start in range(0, order.size, cfg.batch_size):
-                stats = self.step(self._batch(corpus, order[start : start + cfg.batch_size]))
-                losses.append(stats.loss)
-            sequences += order.size
-            record: dict[str, float] = {"epoch": epoch, "loss": float(np.mean(losses))}
-            if validate is not None and epoch % cfg.validate_every == 0:
+            if validate is not None:
                 metrics = dict(validate(self.model))
                 record.update({f"val.{k}": v for k, v in metrics.items()})
                 current = metrics[cfg.early_stopping_metric]
                 if current > best_metric:
-                    best_metric, best_epoch, best_metrics = current, epoch, metrics
+                    best_metric, best_step, best_metrics = current, step, metrics
                     best_state = copy.deepcopy(self.model.state_dict())
-                    stale = 0
-                else:
-                    stale += 1
                 bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{current:.4f}", best=f"{best_metric:.4f}")
                 log.info(
-                    "%s epoch %d: loss %.4f, validation %s %.4f (best %.4f at epoch %d)",
-                    description, epoch, record["loss"], cfg.early_stopping_metric, current, best_metric, best_epoch,
+                    "%s step %d: loss %.4f, validation %s %.4f (best %.4f at step %d)",
+                    description, step, record["loss"], cfg.early_stopping_metric, current, best_metric, best_step,
                 )
-            else:
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
             history.append(record)
-            log.debug("epoch %d: %s", epoch, record)
-            if stale >= cfg.patience:
+            if validate is not None and step - best_step >= cfg.patience_steps:
+                stopped_early = True
                 break
         bar.close()
         seconds = time.perf_counter() - started
+        for group in self.optimizer.param_groups:  # fine-tuning after fit runs at the base rate
+            group["lr"] = group["initial_lr"]
         if best_state is not None:
             self.model.load_state_dict(best_state)
         else:
-            best_epoch = epoch
+            best_step = step
         return FitReport(
-            epochs=epoch,
-            best_epoch=best_epoch,
+            steps=step,
+            best_step=best_step,
             best_metrics=best_metrics,
             history=history,
-            stopped_early=stale >= cfg.patience,
+            stopped_early=stopped_early,
             seconds=seconds,
             sequences_per_second=sequences / seconds if seconds > 0 else 0.0,
+            epochs=sequences / users.size,
         )
+
+
+def learning_rate_factor(cfg: TrainConfig, step: int) -> float:
+    """Share of `learning_rate` after `step` steps (0-based): linear warm-up, then constant or a
+    cosine decay to `min_lr_ratio` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _mean_stats(collected: list[StepStats]) -> StepStats:

@@ -4,8 +4,11 @@ and producing overlap with ingestion (torch and DuckDB release the GIL), or inli
 service is stepped by hand (tests).
 
 Users are refreshed in micro-batches bounded in size (`refresh_max_users`) and delay
-(`refresh_max_delay_ms`); users with no usable history, or all users before the first model
-version, get the most-popular list, marked `source: popularity`.
+(`refresh_max_delay_ms`) and ranked by `serve.recommender` after their stored window
+(`model.max_len` events): the model (`source: model`) or the recent-items baseline (`source:
+recent`). Users with no usable history, all users before the first model version, and all users
+of the popularity recommender get the most-popular list (`source: popularity`). Every list
+leaves out the user's `serve.exclude_behaviours` items (`consumers.ranking`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 from kafka import KafkaProducer
 
-from casm_core.scoring import items_with_behaviours
+from casm_core.baselines import RecentItems
+from casm_core.scoring import Scorer
+from consumers.ranking import PopularItems, RankedList, Ranker, exclusions, ranked_lists
 from consumers.serving_model import ServingModel
 from consumers.settings import CasmSettings
 from consumers.signals import SignalJob, SignalWatch
@@ -87,9 +92,10 @@ class Publisher:
         self.popularity_fallbacks = 0
         self._unrecorded: dict[str, tuple[list[str], int, float, int]] = {}  # user -> (items, version, at, offset)
         self._recorded_at = time.monotonic()
-        self._popular: list[str] = []
-        self._popular_scores: list[float] = []
+        self._counts = np.zeros(1, dtype=np.int64)  # popularity counts [num_items + 1]
+        self._popular: PopularItems | None = None
         self._popular_at = -float("inf")
+        self._recent: RecentItems | None = None
         self._item_ids: list[str] = []
 
     # ------------------------------------------------------------------ ingest-thread side
@@ -185,47 +191,67 @@ class Publisher:
             self._item_ids = self.store.item_ids()
         return self._item_ids
 
-    def _popularity(self) -> tuple[list[str], list[float]]:
-        """The fallback list: most popular items, recomputed at most every popularity_refresh_s."""
+    def _popularity(self) -> PopularItems:
+        """The popularity ranker over the store's counts (`popularity_behaviours`), recounted at
+        most every `popularity_refresh_s`."""
         now = time.monotonic()
-        if now - self._popular_at >= self.cfg.popularity_refresh_s or not self._popular:
-            counts = self.store.item_popularity(self.cfg.popularity_behaviours or None)
-            best = np.argsort(-counts[1:], kind="stable")[: min(self.cfg.top_k, counts.size - 1)] + 1
-            ids = self._item_vocabulary()
-            self._popular = [ids[i - 1] for i in best.tolist()]
-            self._popular_scores = [float(counts[i]) for i in best.tolist()]
+        if self._popular is None or now - self._popular_at >= self.cfg.popularity_refresh_s:
+            self._counts = self.store.item_popularity(self.cfg.popularity_behaviours or None)
+            self._popular, self._recent = PopularItems(self._counts), None
             self._popular_at = now
-        return self._popular, self._popular_scores
+        return self._popular
 
-    def _model_lists(self, sequences, scorer) -> dict[int, tuple[list[str], list[float], str]]:
-        """Top-K of the rows with history, by row."""
-        usable = np.flatnonzero(sequences.lengths > 0)
-        if scorer is None or usable.size == 0:
-            return {}
-        exclude = None
-        if self.cfg.exclude_behaviours:
-            names = self.store.behaviour_names()
-            chosen = [names.index(b) + 1 for b in self.cfg.exclude_behaviours if b in names]
-            exclude = items_with_behaviours(sequences.items[usable], sequences.behaviours[usable], chosen)
-        scores, best = scorer.top_k(sequences.items[usable], sequences.behaviours[usable], self.cfg.top_k, exclude)
-        ids = self._item_vocabulary()
-        lists = {}
-        for row, row_scores, row_best in zip(usable.tolist(), scores, best, strict=True):
-            finite = np.isfinite(row_scores)
-            lists[row] = ([ids[i - 1] for i in row_best[finite].tolist()], row_scores[finite].tolist(), "model")
+    def _recent_items(self) -> RecentItems:
+        """The recent-items baseline over the current counts and the whole item vocabulary (items
+        newer than the counts count 0, but are in users' windows and so recommendable)."""
+        num_items = len(self._item_vocabulary())
+        if self._recent is None or self._recent.num_items != num_items:
+            counts = np.zeros(num_items + 1, dtype=np.int64)
+            counted = min(self._counts.size, counts.size)
+            counts[:counted] = self._counts[:counted]
+            self._recent = RecentItems(counts)
+        return self._recent
+
+    def _ranker(self, scorer: Scorer | None) -> tuple[Ranker | None, str]:
+        """What ranks users with history, and its source label; None: the popularity list."""
+        if self.cfg.has_model:
+            return scorer, "model"
+        if self.cfg.recommender == "recent":
+            return self._recent_items(), "recent"
+        return None, "popularity"
+
+    def _lists(self, sequences, scorer: Scorer | None) -> dict[int, tuple[RankedList, str]]:
+        """Each row's list and source: rows with history by the recommender (`scorer` is the
+        model's, None before its first version), the others by popularity; the same exclusions
+        for all."""
+        popular = self._popularity()  # first: the recent-items baseline uses its counts
+        ranker, source = self._ranker(scorer)
+        exclude = exclusions(sequences.items, sequences.behaviours, self.store.behaviour_names(),
+                             self.cfg.exclude_behaviours)
+        known = sequences.lengths > 0
+        groups = [(~known, popular, "popularity")]
+        groups += [(known, ranker, source)] if ranker is not None else [(known, popular, "popularity")]
+        lists: dict[int, tuple[RankedList, str]] = {}
+        for chosen, by, label in groups:
+            rows = np.flatnonzero(chosen)
+            if rows.size == 0:
+                continue
+            ranked = ranked_lists(by, sequences.items[rows], sequences.behaviours[rows], self.cfg.top_k,
+                                  None if exclude is None else exclude[rows])
+            lists.update(zip(rows.tolist(), ((r, label) for r in ranked), strict=True))
         return lists
 
     def _publish(self, users: list[str], pending_since: list[float]) -> None:
-        version, scorer = self.serving.current
-        if self.cfg.recommender != "casm":
-            scorer = None
+        version, scorer = self.serving.current  # one consistent (version, model) pair
         sequences = self.store.sequences(users, width=self.settings.model.max_len)
-        lists = self._model_lists(sequences, scorer)
-        popular, popular_scores = self._popularity()
+        lists = self._lists(sequences, scorer)
+        ids = self._item_vocabulary()
         now_wall, now = time.time(), time.monotonic()
         send, topic = self.producer.send, self.settings.topics.recommendations
         for row, user in enumerate(users):
-            items, scores, source = lists.get(row, (popular, popular_scores, "popularity"))
+            (best, best_scores), source = lists[row]
+            items = [ids[i - 1] for i in best.tolist()]
+            scores = best_scores.tolist()
             known = bool(sequences.lengths[row] > 0)
             produced_ms = int(sequences.last_produced_ms[row])
             send(topic, key=user.encode(), value=recommendation_json(

@@ -285,7 +285,7 @@ class Service:
             version, scorer = self.serving.current
             job = self.signals.prepare(
                 events, self._not_yet_applied(events),
-                scorer if self.cfg.recommender == "casm" else None, version, self._events_applied_total,
+                scorer if self.cfg.has_model else None, version, self._events_applied_total,
             )
         result, refused = self._apply(events, offsets, flat)
         if refused:
@@ -340,7 +340,7 @@ class Service:
     # --------------------------------------------------------------------------- training
     def _maybe_fine_tune(self) -> None:
         if (
-            self.cfg.recommender != "casm"
+            not self.cfg.has_model  # the baselines never train
             or self.worker.busy
             or self._events_applied_total < self.cfg.min_events_to_train
         ):

@@ -25,9 +25,11 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    recommender: Literal["casm", "popularity"] = Field(
+    recommender: Literal["casm", "popularity", "recent"] = Field(
         "casm", description="'casm': the model (popularity until its first version); 'popularity': the "
-        "most-popular baseline served through the same path (no training)."
+        "most-popular baseline; 'recent': the items of the user's window, most recently seen first, "
+        "filled with the most popular. Baselines are served through the same path, exclusions "
+        "included, and have no model (no training, no test-then-train ranks)."
     )
     synchronous_training: bool = Field(
         False, description="Wait for each fine-tuning round before consuming on (evaluation runs that "
@@ -38,11 +40,12 @@ class ServeConfig(BaseModel):
     exclude_behaviours: list[str] = Field(
         default_factory=list,
         description="Never recommend items the user already acted on with these behaviours "
-        "(within the stored sequence), e.g. ['buy'].",
+        "(within the user's window of model.max_len events), e.g. ['buy']; every list honours it: "
+        "the model's, the baselines' and the popularity fallback's.",
     )
     popularity_behaviours: list[str] = Field(
         default_factory=list,
-        description="Behaviours counted for the popularity fallback (empty: all).",
+        description="Behaviours counted for popularity (the fallback and the baselines' lists; empty: all).",
     )
     published_record_every_s: float = Field(
         1.0, gt=0, description="Write the users' last published recommendations to the store this often."
@@ -50,7 +53,9 @@ class ServeConfig(BaseModel):
     retain_every_s: float = Field(
         300.0, gt=0, description="Apply the store's retention (store.retention_*) and forget expired event ids this often."
     )
-    popularity_refresh_s: float = Field(5.0, gt=0, description="Recompute the popularity fallback this often.")
+    popularity_refresh_s: float = Field(
+        5.0, gt=0, description="Recompute the popularity counts (the fallback and the baselines') this often."
+    )
     publisher_queue_batches: int = Field(
         8, ge=1, description="Applied batches whose signals may wait for the publisher thread before "
         "ingestion waits (backpressure, bounded memory)."
@@ -88,6 +93,12 @@ class ServeConfig(BaseModel):
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Its port (0: a free one; None: off).")
     metrics_rate_window_s: float = Field(10.0, gt=0, description="Window of the events/s gauge.")
     health_max_poll_age_s: float = Field(30.0, gt=0, description="/healthz fails when the loop has not polled for this long.")
+
+    @property
+    def has_model(self) -> bool:
+        """Whether the recommender is the learned model: fine-tuned on the stream and ranking
+        events test-then-train. The baselines ('popularity', 'recent') have none."""
+        return self.recommender == "casm"
 
 
 class LiveConfig(BaseModel):

@@ -190,8 +190,10 @@ def format_report(m: dict[str, Any]) -> str:
             f"over {cold['established']['n']:,}.",
         ]
     lines += ["", "## The model of each moment: test-then-train ranks", ""]
-    if not tt["sampled"]["n"]:
+    if not m.get("has_model", True):
         lines.append(f"Not measured: recommender `{m['recommender']}` has no model to rank with.")
+    elif not tt["sampled"]["n"]:
+        lines.append("Not measured: no model version was there to rank a target event before it was learned.")
     else:
         lines += [
             f"Each target event ranked by the model of that moment before it trains on it, against "

@@ -197,9 +197,10 @@ class Recommendation(_Model):
     event_produced_ms: int | None = Field(
         None, ge=0, description="Kafka record time (unix ms) of that event: freshness is measured from it."
     )
-    source: Literal["model", "popularity"] = Field(
+    source: Literal["model", "popularity", "recent"] = Field(
         "model", description="'model': scored by CASM for this user; 'popularity': the most popular items "
-        "(no usable history or no trained model yet)."
+        "(no usable history, no trained model yet, or the popularity baseline); 'recent': the recent-items "
+        "baseline (the user's recently seen items, newest first, then the most popular)."
     )
 
 

@@ -1,10 +1,19 @@
 """``casm evaluate``: the paper's offline protocol on a historical log, for CASM, its baselines and
-ablations, over several seeds; prints a table and writes a JSON result."""
+ablations, over several seeds; prints tables (metrics with bootstrap intervals, paired differences
+against the best baseline and the reference variant) and writes a JSON result.
+
+JSON layout: data facts; ``protocol`` (the split, the full-ranking candidates and the intervals in
+words), ``eval`` (every eval setting); ``test_cases`` {user_id, item_id} in case order;
+``summary`` {variant: {metric: {mean, std, low, high}}} (``users``, the number of test cases: mean,
+std); ``differences`` {"baseline" | "reference": {variant: {metric: {against, mean, low, high,
+excludes_zero}}}};
+``runs``: one per variant and seed with ``kind``, ``test`` and ``validation`` metrics and the test
+``ranks`` {sampled, full} (0-based, in ``test_cases`` order), plus training facts.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,8 +21,14 @@ from pathlib import Path
 import torch
 
 from consumers.offline import (
+    BASELINES,
+    VARIANTS_FILE,
     aggregate,
+    compare,
+    describe_protocol,
+    dumps_result,
     encode_log,
+    format_differences,
     format_table,
     load_variants,
     make_split,
@@ -41,7 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--variants", default="casm,sasrec,casm-uniform,mostpop",
-        help=f"comma-separated variants of {sorted(load_variants())}",
+        help=f"comma-separated variants of --variants-file (default file: {sorted(load_variants())})",
+    )
+    parser.add_argument(
+        "--variants-file", type=Path, default=VARIANTS_FILE, help="TOML file of the variants (one table each)"
+    )
+    parser.add_argument(
+        "--reference", default="sasrec",
+        help="learned variant every other learned variant is also compared with (paired), when it runs",
     )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--output", type=Path, default=None, help="JSON result path (default: runs/...)")
@@ -58,7 +80,10 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         settings.behaviours.target = args.target
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
-    variants = load_variants()
+    try:
+        variants = load_variants(args.variants_file)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"casm evaluate: {exc}") from None
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     missing = [v for v in chosen if v not in variants]
     if missing:
@@ -70,9 +95,9 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         heldout = read_heldout(args.heldout) if args.heldout else None
         extra_items = heldout.column("item_id").to_pylist() if heldout is not None else ()
         encoded = encode_log(loaded.events, settings.behaviours.names, extra_items)
+        split = make_split(encoded, settings, heldout)
     except (ValueError, FileNotFoundError) as exc:  # LogFormatError is a ValueError
         raise SystemExit(f"casm evaluate: {exc}") from None
-    split = make_split(encoded, settings, heldout)
     log.info(
         "%s: %d events, %d users, %d items; evaluating %d users (skipped: %s)",
         loaded.path, loaded.num_events, encoded.events.num_users, encoded.events.num_items,
@@ -81,12 +106,20 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
     runs = []
     for name in chosen:
         variant = variants[name]
-        for seed in seeds if variant.kind != "mostpop" else seeds[:1]:
+        for seed in seeds if variant.kind not in BASELINES else seeds[:1]:
             result = run_variant(split, encoded, settings, variant, seed)
             log.info("%s seed %d: test %s", name, seed, {k: round(v, 4) for k, v in result["test"].items()})
             runs.append(result)
-    summary = aggregate(runs)
-    table = format_table(summary, settings.eval.ks)
+    cfg = settings.eval
+    protocol = describe_protocol(cfg, heldout is not None, split.test.users)
+    summary = aggregate(runs, cfg, split.test.users)
+    differences = compare(runs, summary, cfg, args.reference, split.test.users)
+    tables = [
+        format_table(summary, cfg, protocol),
+        format_differences(differences["baseline"], cfg, "Paired difference, variant minus the best baseline "
+                           "per metric by its test mean"),
+        format_differences(differences["reference"], cfg, f"Paired difference, variant minus {args.reference}"),
+    ]
     output = args.output or Path("runs") / f"evaluate-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -97,14 +130,24 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "users": encoded.events.num_users,
         "items": encoded.events.num_items,
         "evaluated_users": len(split.test),
+        "evaluated_distinct_users": int(len(set(split.test.users.tolist()))),
         "skipped_users": split.skipped,
+        "protocol": protocol,
         "behaviours": settings.behaviours.model_dump(),
-        "eval": settings.eval.model_dump(),
+        "eval": cfg.model_dump(),
         "seeds": seeds,
+        "test_cases": {
+            "user_id": encoded.user_ids[split.test.users].tolist(),
+            "item_id": encoded.items.id_of(split.test.positives),
+        },
         "summary": summary,
+        "differences": differences,
         "runs": runs,
     }
-    output.write_text(json.dumps(result, indent=2))
-    print(table)
-    print(f"\n{len(split.test)} users evaluated; skipped: {split.skipped}; result: {output}")
+    output.write_text(dumps_result(result))
+    print("\n\n".join(table for table in tables if table))
+    print(
+        f"\n{len(split.test)} test cases ({result['evaluated_distinct_users']} users), {len(split.validation)} "
+        f"validation cases; skipped: {split.skipped}; result: {output}"
+    )
     return 0

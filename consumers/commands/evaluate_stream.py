@@ -10,10 +10,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 from consumers.live import free_port, run_live
 from consumers.prequential import ranking_metrics
-from consumers.settings import CasmSettings
+from consumers.settings import CasmSettings, ServeConfig
 from consumers.stream_report import test_then_train_metrics, write_report
 from stream.broker import kafka_cluster
 from stream.logs import LOG_FORMATS, read_log
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_PRESETS = {"movielens": "movielens", "taobao": "taobao", "retailrocket": "retailrocket"}
 POLICIES = {"fixed": "fixed", "adaptive": "conversion"}
+RECOMMENDERS = get_args(ServeConfig.model_fields["recommender"].annotation)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
                         help="alpha policy: fixed, or adaptive (drift re-weighting) [drift.policy]")
-    parser.add_argument("--recommender", choices=["casm", "popularity"], default=None,
-                        help="what serves: CASM or the most-popular baseline [serve.recommender]")
+    parser.add_argument("--recommender", choices=RECOMMENDERS, default=None,
+                        help="what serves: CASM, or a baseline through the same path (popularity: the most "
+                        "popular items; recent: the user's recently seen items first) [serve.recommender]")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N events")
     parser.add_argument("--partitions", type=int, default=None,
                         help="partitions of the topics this run creates [1 at --max, else topics.partitions]")
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "produced_first": fastest,
         "policy": settings.drift.policy,
         "recommender": settings.serve.recommender,
+        "has_model": settings.serve.has_model,
         "target": settings.behaviours.target,
         "k": k,
         "seconds": result.seconds,

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from casm_core.baselines import RecentItems
 from casm_core.checkpoint import load_checkpoint
-from casm_core.scoring import Scorer, items_with_behaviours
+from casm_core.scoring import Scorer
+from consumers.ranking import PopularItems, exclusions, ranked_lists
 from consumers.service import open_store
 from consumers.settings import CasmSettings
 
@@ -29,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def recommend(settings: CasmSettings, users: list[str], k: int, checkpoint: Path | None = None) -> list[dict]:
-    """Top-`k` of each user as plain dicts (source "model", or "popularity" when the user has no
-    history or there is no model)."""
+    """Top-`k` of each user as plain dicts, as `casm serve` would publish them (source "model",
+    "recent" for that baseline, or "popularity" when the user has no history, there is no model
+    or `serve.recommender` is popularity), with the same exclusions (`consumers.ranking`)."""
     with open_store(settings, read_only=True) as store:
         if checkpoint is None:
             latest = store.latest_model()
@@ -39,35 +42,34 @@ def recommend(settings: CasmSettings, users: list[str], k: int, checkpoint: Path
         sequences = store.sequences(users, width=settings.model.max_len)
         counts = store.item_popularity(settings.serve.popularity_behaviours or None)
         names = store.behaviour_names()
-    popular = (np.argsort(-counts[1:], kind="stable")[:k] + 1).tolist()
-    scorer = version = None
-    if checkpoint is not None and checkpoint.exists():
+    ranker, source, version = None, "popularity", None
+    if settings.serve.recommender == "recent":
+        ranker, source = RecentItems(counts), "recent"
+    elif settings.serve.has_model and checkpoint is not None and checkpoint.exists():
         trainer, metadata = load_checkpoint(checkpoint)
         if trainer.items.ids() != item_ids[: len(trainer.items)]:
             raise SystemExit(f"{checkpoint} numbers items differently from the store; it is not this store's model")
-        scorer, version = Scorer(trainer.model, trainer.behaviours.target_index()), metadata.get("version")
-    results = []
-    for row, user in enumerate(users):
-        if scorer is not None and sequences.lengths[row] > 0:
-            exclude = None
-            if settings.serve.exclude_behaviours:
-                chosen = [names.index(b) + 1 for b in settings.serve.exclude_behaviours if b in names]
-                exclude = items_with_behaviours(sequences.items[row : row + 1], sequences.behaviours[row : row + 1], chosen)
-            scores, best = scorer.top_k(sequences.items[row : row + 1], sequences.behaviours[row : row + 1], k, exclude)
-            finite = np.isfinite(scores[0])
-            items = [{"item_id": item_ids[i - 1], "score": float(s)} for i, s in zip(best[0][finite], scores[0][finite], strict=True)]
-            source = "model"
-        else:
-            items = [{"item_id": item_ids[i - 1], "score": float(counts[i])} for i in popular]
-            source = "popularity"
-        results.append({
+        ranker, source = Scorer(trainer.model, trainer.behaviours.target_index()), "model"
+        version = metadata.get("version")
+    exclude = exclusions(sequences.items, sequences.behaviours, names, settings.serve.exclude_behaviours)
+    lists = [(ranked, "popularity") for ranked in
+             ranked_lists(PopularItems(counts), sequences.items, sequences.behaviours, k, exclude)]
+    known = np.flatnonzero(sequences.lengths > 0)
+    if ranker is not None and known.size:
+        ranked = ranked_lists(ranker, sequences.items[known], sequences.behaviours[known], k,
+                              None if exclude is None else exclude[known])
+        for row, row_list in zip(known.tolist(), ranked, strict=True):
+            lists[row] = (row_list, source)
+    return [
+        {
             "user_id": user,
             "known_events": int(sequences.lengths[row]),
             "model_version": version,
-            "source": source,
-            "items": items,
-        })
-    return results
+            "source": row_source,
+            "items": [{"item_id": item_ids[i - 1], "score": float(s)} for i, s in zip(best.tolist(), scores.tolist(), strict=True)],
+        }
+        for row, (user, ((best, scores), row_source)) in enumerate(zip(users, lists, strict=True))
+    ]
 
 
 def run(args: argparse.Namespace, settings: CasmSettings) -> int:

@@ -41,7 +41,8 @@ def test_casm_learns_a_planted_pattern_and_beats_most_popular(tmp_path: Path) ->
     code = main([
         "evaluate", "--data", str(data), "--variants", "casm,sasrec,mostpop", "--seeds", "0",
         "--behaviours.names", "pv,buy", "--behaviours.alpha", '{"pv": 0.5, "buy": 1.0}',
-        "--train.max-epochs", "40", "--train.validate-every", "5", "--train.learning-rate", "0.01",
+        "--train.max-steps", "80", "--train.validate-every-steps", "10", "--train.warmup-steps", "5",
+        "--train.learning-rate", "0.01",
         "--output", str(output), *FAST,
     ])
     assert code == 0
@@ -51,10 +52,68 @@ def test_casm_learns_a_planted_pattern_and_beats_most_popular(tmp_path: Path) ->
     assert summary["casm"]["sampled.hr@10"]["mean"] > 0.9
     assert summary["sasrec"]["sampled.hr@10"]["mean"] > 0.9
     assert summary["mostpop"]["full.hr@10"]["mean"] < 0.5
+    against = result["differences"]["baseline"]["casm"]["sampled.hr@10"]
+    assert against["against"] == "mostpop" and against["excludes_zero"] and against["low"] > 0
+    assert set(result["differences"]["reference"]) == {"casm"}  # against sasrec
     for metrics in summary.values():
         for name, value in metrics.items():
             if name != "users":
                 assert 0.0 <= value["mean"] <= 1.0
+
+
+def variants_with_recent(path: Path) -> Path:
+    """A variants file of the two baselines (the --variants-file option)."""
+    path.write_text(
+        '[mostpop]\ndescription = "most popular"\nkind = "mostpop"\n'
+        '[recent]\ndescription = "recent items"\nkind = "recent"\n'
+    )
+    return path
+
+
+BASELINE_ARGS = ["--variants", "mostpop,recent", "--seeds", "0,1", "--behaviours.names", "pv,buy",
+                 "--behaviours.alpha", '{"pv": 0.5, "buy": 1.0}', "--eval.bootstrap-replicates", "50"]
+
+
+def test_baselines_keep_ranks_validation_and_intervals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = planted_log(tmp_path / "planted.csv", num_users=40)
+    output = tmp_path / "result.json"
+    code = main([
+        "evaluate", "--data", str(data), "--variants-file", str(variants_with_recent(tmp_path / "v.toml")),
+        "--eval.full-exclude-history", "true", "--output", str(output), *BASELINE_ARGS, *FAST,
+    ])
+    assert code == 0
+    result = json.loads(output.read_text())
+    assert [run["variant"] for run in result["runs"]] == ["mostpop", "recent"]  # baselines: one seed
+    assert result["eval"]["full_exclude_history"] is True
+    assert "before the case" in result["protocol"]["full_ranking"]
+    cases = result["evaluated_users"]
+    assert cases == 40 and len(result["test_cases"]["user_id"]) == len(result["test_cases"]["item_id"]) == cases
+    for run in result["runs"]:
+        assert len(run["ranks"]["sampled"]) == len(run["ranks"]["full"]) == cases
+        assert run["validation"]["users"] == 40.0 and "full.ndcg@10" in run["validation"]
+        hr = result["summary"][run["variant"]]["sampled.hr@10"]
+        assert hr["low"] <= hr["mean"] <= hr["high"]
+    assert result["differences"] == {"baseline": {}, "reference": {}}
+    printed = capsys.readouterr().out
+    assert "| recent | 40 |" in printed and "before the case" in printed
+
+
+def test_time_cut_split_tests_every_target_event_after_the_cut(tmp_path: Path) -> None:
+    data = planted_log(tmp_path / "planted.csv", num_users=40)
+    output = tmp_path / "result.json"
+    code = main([
+        "evaluate", "--data", str(data), "--variants-file", str(variants_with_recent(tmp_path / "v.toml")),
+        "--eval.split", "time_cut", "--output", str(output), *BASELINE_ARGS, *FAST,
+    ])
+    assert code == 0
+    result = json.loads(output.read_text())
+    assert result["evaluated_users"] > result["evaluated_distinct_users"] > 0
+    assert "time cut" in result["protocol"]["split"]
+    heldout = tmp_path / "heldout.csv"
+    heldout.write_text("user_id,item_id\nu0,i1\n")
+    with pytest.raises(SystemExit, match="time_cut"):
+        main(["evaluate", "--data", str(data), "--heldout", str(heldout), "--eval.split", "time_cut",
+              *BASELINE_ARGS, *FAST])
 
 
 def test_evaluate_reports_unknown_behaviours_clearly(tmp_path: Path) -> None:
@@ -75,7 +134,7 @@ def test_evaluate_runs_on_shared_logs(data_dir: Path, tmp_path: Path, name: str,
     output = tmp_path / "result.json"
     code = main([
         "evaluate", "--preset", preset, "--data", str(data_dir / name), "--variants", "casm,mostpop",
-        "--seeds", "0", "--train.max-epochs", "1", "--output", str(output), *extra, *FAST,
+        "--seeds", "0", "--train.max-steps", "2", "--output", str(output), *extra, *FAST,
     ])
     assert code == 0
     result = json.loads(output.read_text())

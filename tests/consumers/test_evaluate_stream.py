@@ -59,6 +59,19 @@ def test_rebuy_log_is_learned_and_the_report_is_consistent(tmp_path: Path) -> No
     assert "Stream evaluation" in (report_dir / "report.md").read_text()
 
 
+def test_the_recent_baseline_recommends_what_users_rebuy_and_has_no_model(tmp_path: Path) -> None:
+    data, buys = rebuy_log(tmp_path / "rebuy.csv", users=10, rounds=8)
+    report_dir = tmp_path / "report"
+    assert main(["evaluate-stream", "--data", str(data), "--recommender", "recent", "--report-dir", str(report_dir), *FAST]) == 0
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    pq = metrics["prequential"]
+    assert metrics["recommender"] == "recent" and not metrics["has_model"]
+    assert metrics["serve"]["fine_tunes"] == 0 and metrics["test_then_train"]["sampled"]["n"] == 0
+    assert set(metrics["monitor"]["sources"]) <= {"recent", "popularity"}
+    assert pq["scored"] > 0 and pq["by_source"]["recent"]["hr@10"] == 1.0  # the favourite is in the window
+    assert "recommender `recent` has no model to rank with" in (report_dir / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_two_full_speed_runs_agree_within_the_stated_tolerance(tmp_path: Path) -> None:
     """EVALUATION.md states the tolerance: batch boundaries of the Kafka polls vary from run to run

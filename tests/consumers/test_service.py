@@ -235,3 +235,33 @@ def test_rows_the_store_refuses_become_dead_letters_and_the_rest_is_applied(
     assert len(letters) == 1
     letter = json.loads(letters[0].value)
     assert letter["kind"] == "invalid_event" and "refused by the state store" in letter["reason"]
+
+
+def test_the_recent_baseline_is_served_through_the_same_path_without_training(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, kafka_config, topic_names, recommender="recent",
+                                fine_tune_every_events=1, exclude_behaviours=["cart"])
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    events = [
+        {"user_id": f"u{u}", "item_id": f"item{u + s}", "behavior": "cart" if s == 1 else "pv", "timestamp": 1.7e9 + 10 * u + s}
+        for u in range(3) for s in range(4)
+    ]
+    produce(kafka_bootstrap, settings, events)
+    service = Service(settings, kafka_bootstrap)
+    try:
+        run_until(service, lambda: service.report.events_applied == len(events) and service.publisher.pending == 0)
+        assert service._worker_ready(wait_s=60)
+        service.step()  # a round is due after every event, were this the model
+        assert not service.worker.busy and service.report.fine_tunes == 0
+    finally:
+        service.stop()
+        service.run(until=lambda s: True)
+    with service_store(settings) as store:
+        assert store.models() == []
+    last = {r.key.decode(): json.loads(r.value)
+            for r in read_topic(settings.kafka, kafka_bootstrap, settings.topics.recommendations, timeout_s=30)}
+    items = [i["item_id"] for i in last["u0"]["items"]]
+    assert last["u0"]["source"] == "recent" and last["u0"]["model_version"] == "0"
+    # The window newest first without the cart item (item1), then the most popular left (item4).
+    assert items == ["item3", "item2", "item0", "item4", "item5"]

@@ -11,7 +11,7 @@ import torch
 from casm_core.config import BehaviourConfig, ModelConfig, TrainConfig
 from casm_core.loss import weighted_bce
 from casm_core.sampling import SequenceCorpus, TrainingBatch
-from casm_core.trainer import Trainer
+from casm_core.trainer import Trainer, learning_rate_factor
 
 BEHAVIOURS = BehaviourConfig(names=["pv", "cart", "buy"], target="buy", alpha={"pv": 0.25, "cart": 0.5, "buy": 1.0})
 
@@ -146,8 +146,8 @@ def test_training_is_seeded() -> None:
     assert losses[0] == losses[1]
 
 
-def test_fit_stops_early_and_restores_the_best_epoch() -> None:
-    trainer = make_trainer(max_epochs=50, patience=2, validate_every=1)
+def test_fit_stops_early_and_restores_the_best_step() -> None:
+    trainer = make_trainer(max_steps=50, patience_steps=2, validate_every_steps=1)
     items, behaviours = sequences(16, 7, 20, seed=5)
     corpus = SequenceCorpus.from_padded(items, behaviours)
     scores = iter([0.1, 0.5, 0.4, 0.3, 0.2, 0.1] + [0.0] * 50)
@@ -159,7 +159,7 @@ def test_fit_stops_early_and_restores_the_best_epoch() -> None:
         return {"sampled.ndcg@10": value}
 
     report = trainer.fit(corpus, validate, progress=False)
-    assert report.best_epoch == 2 and report.epochs == 4 and report.stopped_early
+    assert report.best_step == 2 and report.steps == 4 and report.stopped_early
     for key, value in trainer.model.state_dict().items():
         torch.testing.assert_close(value, snapshots[0.5][key])
 
@@ -180,3 +180,37 @@ def test_reindex_items_moves_known_rows_to_the_new_order() -> None:
     assert torch.count_nonzero(weight[0]) == 0
     stats = trainer.fine_tune(np.array([[1, 2, 3, 4]]), np.array([[1, 2, 3, 1]]))
     assert math.isfinite(stats.loss)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    factors = [learning_rate_factor(cfg, step) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    constant = cfg.model_copy(update={"lr_schedule": "constant"})
+    assert learning_rate_factor(constant, 100) == 1.0
+
+
+def test_fit_counts_steps_and_restores_the_base_rate_for_fine_tuning() -> None:
+    for sampling in ("users", "events"):
+        trainer = make_trainer(max_steps=7, validate_every_steps=3, warmup_steps=2, sampling=sampling)
+        items, behaviours = sequences(16, 7, 20, seed=7)
+        report = trainer.fit(SequenceCorpus.from_padded(items, behaviours), lambda m: {"sampled.ndcg@10": 0.0}, progress=False)
+        assert report.steps == trainer.steps == 7 and [r["step"] for r in report.history] == [3, 6, 7]
+        assert trainer.optimizer.param_groups[0]["lr"] == trainer.train_cfg.learning_rate
+
+
+def test_options_train_and_grow_with_new_items_and_behaviours() -> None:
+    cfg = ModelConfig(hidden_dim=16, context_dim=16, ffn_dim=16, max_len=6, dropout=0.1,
+                      target_conditioning="film", repeat_score=True, behaviour_attention=True)
+    trainer = Trainer(cfg, TrainConfig(seed=0, batch_size=4, window_negatives=2, next_behaviour_weight=0.5),
+                      BEHAVIOURS, item_ids=[f"i{i}" for i in range(20)])
+    items, behaviours = sequences(8, 7, 20, seed=8)
+    assert math.isfinite(trainer.fine_tune(items, behaviours, steps=3).loss)
+    trainer.add_behaviours(["fav"])
+    trainer.add_items(["new"])
+    phi = trainer.model.repeat_weight.weight
+    assert phi.shape == (5, 5 * cfg.repeat_age_buckets)
+    stats = trainer.fine_tune(np.array([[21, 1, 2, 21]]), np.array([[4, 1, 2, 4]]), steps=2)
+    assert math.isfinite(stats.loss) and "fav" in stats.loss_by_behaviour

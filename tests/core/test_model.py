@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,101 @@ def test_grow_keeps_old_rows_and_adds_new_ones() -> None:
     # The grown model scores the new items.
     seq = torch.tensor([[1, NUM_ITEMS + 4]])
     assert torch.isfinite(model.user_representation(seq, torch.tensor([[1, NUM_BEHAVIOURS + 1]]))).all()
+
+
+def _trained_on_behaviour_split(conditioning: str):
+    """A small model trained where the next item depends on the next behaviour: pv events are
+    of items 1-10, buy events of items 11-20, in random order."""
+    from casm_core.config import BehaviourConfig, TrainConfig
+    from casm_core.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    behaviours = rng.integers(1, 3, (64, 9))  # 1 = pv, 2 = buy
+    items = np.where(behaviours == 1, rng.integers(1, 11, behaviours.shape), rng.integers(11, 21, behaviours.shape))
+    cfg = ModelConfig(hidden_dim=16, context_dim=8, ffn_dim=16, max_len=8, dropout=0.0, target_conditioning=conditioning)
+    trainer = Trainer(cfg, TrainConfig(seed=0, batch_size=32, learning_rate=1e-2, num_negatives=4),
+                      BehaviourConfig(names=["pv", "buy"], target="buy", alpha={}), item_ids=[str(i) for i in range(20)])
+    trainer.fine_tune(items, behaviours, steps=150)
+    return trainer.model, items[:8, 1:], behaviours[:8, 1:]
+
+
+def test_the_target_behaviour_changes_a_trained_models_ranking_only_with_conditioning() -> None:
+    from casm_core.scoring import Scorer
+
+    model, items, behaviours = _trained_on_behaviour_split("film")
+    _, for_pv = Scorer(model, 1).top_k(items, behaviours, k=5)
+    _, for_buy = Scorer(model, 2).top_k(items, behaviours, k=5)
+    assert (for_pv <= 10).mean() > 0.9 and (for_buy > 10).mean() > 0.9
+    # Without conditioning the context is a constant per query: the ranking cannot change.
+    plain, items, behaviours = _trained_on_behaviour_split("none")
+    torch.testing.assert_close(
+        torch.as_tensor(Scorer(plain, 1).top_k(items, behaviours, k=20)[1]),
+        torch.as_tensor(Scorer(plain, 2).top_k(items, behaviours, k=20)[1]),
+    )
+
+
+def _with_random_options(**options) -> CASM:
+    """A model whose option tables hold random values (they start at 0, a no-op)."""
+    model = make_model(**options)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for table in (model.target_scale, model.target_shift, model.repeat_weight, model.repeat_gate, model.repeat_gate_bias, model.repeat_base_scale):
+            if table is not None:
+                table.weight.normal_(std=0.5)
+    return model
+
+
+OPTION_SETS = [
+    {"target_conditioning": "film"},
+    {"repeat_score": True},
+    {"behaviour_attention": True},
+    {"target_conditioning": "film", "repeat_score": True, "behaviour_attention": True},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_candidate_logits_at_t_ignore_later_events(options: dict) -> None:
+    model = _with_random_options(**options)
+    items, behaviours = random_sequences(3, 12, seed=5)
+    items[:, :3] = 0
+    behaviours[:, :3] = 0
+    candidates = torch.cat([items, torch.randint(1, NUM_ITEMS + 1, items.shape)], dim=1)[:, None, :].expand(-1, 12, -1)
+    target = torch.full(items.shape, 2)
+
+    def logits(its: torch.Tensor, bes: torch.Tensor) -> torch.Tensor:
+        return model.candidate_logits(model.encode(its, bes), its, bes, candidates, target)
+
+    before = logits(items, behaviours)
+    t = 7
+    later_items, later_behaviours = items.clone(), behaviours.clone()
+    later_items[:, t + 1 :] = items[:, 3:4]  # repeat an earlier item after t
+    later_behaviours[:, t + 1 :] = 1 + behaviours[:, t + 1 :] % NUM_BEHAVIOURS
+    after = logits(later_items, later_behaviours)
+    torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1])
+    assert not torch.allclose(after[:, t + 1 :], before[:, t + 1 :])
+
+
+@pytest.mark.parametrize("options", [{}, *OPTION_SETS])
+def test_full_ranking_and_candidate_scores_agree(options: dict) -> None:
+    from casm_core.scoring import Scorer
+
+    scorer = Scorer(_with_random_options(**options), target_behaviour=3)
+    items, behaviours = random_sequences(4, 10, seed=6)
+    items[0, :4] = 0
+    behaviours[0, :4] = 0
+    candidates = torch.cat([items[:, -3:], torch.randint(1, NUM_ITEMS + 1, (4, 5))], dim=1)
+    full = scorer.score_all(items, behaviours)
+    torch.testing.assert_close(scorer.score_candidates(items.numpy(), behaviours.numpy(), candidates.numpy()),
+                               full.gather(1, candidates), rtol=1e-5, atol=1e-5)
+
+
+def test_repeat_score_touches_only_window_items() -> None:
+    from casm_core.scoring import Scorer
+
+    items, behaviours = random_sequences(2, 10, seed=7)
+    plain = make_model(repeat_score=True)  # phi and gate at 0: the plain score
+    repeat = _with_random_options(repeat_score=True)
+    repeat.load_state_dict({k: v for k, v in plain.state_dict().items() if not k.startswith("repeat")}, strict=False)
+    delta = Scorer(repeat, 2).score_all(items, behaviours) - Scorer(plain, 2).score_all(items, behaviours)
+    in_window = torch.zeros_like(delta, dtype=torch.bool).scatter_(1, items, True)
+    assert torch.all(delta[:, 1:][~in_window[:, 1:]] == 0) and torch.all(delta[in_window] != 0)

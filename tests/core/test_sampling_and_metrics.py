@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from casm_core.baselines import MostPopular
-from casm_core.metrics import hit_rate, mrr, ndcg, rank_among, rank_in_full, summarize
+from casm_core.metrics import case_values, hit_rate, mrr, ndcg, rank_among, rank_in_full, summarize
 from casm_core.sampling import NegativeSampler, SequenceCorpus, padded_item_keys, training_batch
 from casm_core.vocab import Vocabulary
 
@@ -93,6 +93,22 @@ def test_ranks_count_ties_against_the_positive() -> None:
 def test_full_rank_ignores_padding_column() -> None:
     scores = np.array([[np.inf, 0.2, 0.9, 0.4], [-np.inf, 0.3, 0.2, 0.1]])
     assert rank_in_full(scores, np.array([3, 1])).tolist() == [1, 0]
+
+
+def test_full_rank_skips_excluded_items_but_ranks_an_excluded_positive() -> None:
+    scores = np.array([[0.0, 0.9, 0.8, 0.5, 0.7]])
+    excluded = np.array([[False, True, False, True, False]])
+    assert rank_in_full(scores, np.array([3])).tolist() == [3]
+    assert rank_in_full(scores, np.array([3]), excluded).tolist() == [2]  # 1 excluded, 3 is itself
+
+
+def test_case_values_per_rank() -> None:
+    ranks = np.array([0, 1, 4, 12])
+    assert case_values(ranks, "hr@5").tolist() == [1.0, 1.0, 1.0, 0.0]
+    np.testing.assert_allclose(case_values(ranks, "ndcg@2"), [1.0, 1 / math.log2(3), 0.0, 0.0])
+    np.testing.assert_allclose(case_values(ranks, "mrr"), 1 / (ranks + 1.0))
+    with pytest.raises(ValueError, match="unknown metric"):
+        case_values(ranks, "recall@5")
 
 
 def test_metrics_on_hand_made_ranks() -> None:
