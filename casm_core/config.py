@@ -82,9 +82,9 @@ class ModelConfig(_Section):
         "for buy can differ from the one for pv.",
     )
     repeat_score: bool = Field(
-        False,
-        description="Add a repeat-aware term to the score of items in the user's window: for every "
-        "earlier occurrence of the candidate, a learned weight per (target behaviour, that occurrence's "
+        True,
+        description="(On by default: chosen on validation, see EVALUATION.md.) Add a repeat-aware term "
+        "to the score of items in the user's window: for every earlier occurrence of the candidate, a learned weight per (target behaviour, that occurrence's "
         "behaviour, age bucket), summed, plus a repeat gate from the user representation and the target "
         "behaviour (a learned repeat/explore mix, as RepeatNet). Only window items get the term, so full "
         "ranking stays one matrix product plus a scatter. Causal: at position t only events <= t count.",
@@ -154,7 +154,7 @@ class TrainConfig(_Section):
         "likely as any other.",
     )
     window_negatives: int = Field(
-        0, ge=0, description="Extra negatives per position drawn from the user's own earlier events "
+        1, ge=0, description="Extra negatives per position drawn from the user's own earlier events "
         "(never the positive item). The repeat-aware score needs them: the sampled negatives never "
         "touch the user's items, so without them nothing teaches it which window items not to repeat.",
     )

@@ -7,7 +7,8 @@ layer norm, dropout) turns a sequence into one representation per position. A ca
 embedded the same way with a behaviour as its context (the target behaviour when recommending)
 and scored by the dot product with the representation of the last position.
 
-Options (`ModelConfig`, each off by default and testable alone):
+Options (`ModelConfig`, each testable alone; the repeat-aware score is on by default, chosen on
+validation data, the others are off):
 
 * ``target_conditioning='film'``: the query is ``h * (1 + gamma_b) + beta_b`` for the behaviour b
   we score for. Without it the context cannot change a ranking: fuse is linear, so the candidate

@@ -393,6 +393,23 @@ def format_differences(differences: dict[str, dict[str, dict[str, Any]]], cfg: E
     return "\n".join(rows)
 
 
+def format_validation(runs: list[dict[str, Any]], cfg: EvalConfig) -> str:
+    """Markdown: every variant's validation metrics at `cfg.table_k` (mean over seeds), the numbers
+    defaults are chosen by; learned variants' are those of their best validation."""
+    columns = _table_columns(cfg.table_k)
+    by_variant: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        if run.get("validation"):
+            by_variant.setdefault(run["variant"], []).append(run["validation"])
+    if not by_variant:
+        return ""
+    rows = ["Validation (what defaults are chosen by), mean over seeds:", "",
+            "| variant | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for name, values in by_variant.items():
+        rows.append("| " + " | ".join([name] + [f"{np.mean([v[c] for v in values]):.4f}" for c in columns]) + " |")
+    return "\n".join(rows)
+
+
 # A list of numbers or plain strings, as json.dumps(indent=...) spreads it over lines.
 _SCALAR = r'(?:-?[0-9][0-9.eE+-]*|"[^"\\\n]*"|true|false|null|NaN|-?Infinity)'
 _SCALAR_LIST = re.compile(r"\[\s*" + _SCALAR + r"(?:,\s*" + _SCALAR + r")*\s*\]")

@@ -40,21 +40,12 @@ def exclusions(
     return items_with_behaviours(items, behaviours, chosen)
 
 
-def within(exclude: np.ndarray | None, num_items: int) -> np.ndarray | None:
-    """`exclude` [B, M] with the items a ranker of `num_items` items does not know set to 0 (none):
-    it never returns them anyway, and `top_k_of_scores` clamps indices to `num_items`, which would
-    exclude its last item instead."""
-    if exclude is None:
-        return None
-    return np.where(exclude > num_items, 0, exclude)
-
-
 def ranked_lists(
     ranker: Ranker, items: np.ndarray, behaviours: np.ndarray, k: int, exclude: np.ndarray | None = None
 ) -> list[RankedList]:
     """Top-`k` per window items/behaviours [B, W] by `ranker`, never an item of that row of
     `exclude` [B, M]; a list is shorter than `k` when fewer items are left."""
-    scores, best = ranker.top_k(items, behaviours, k, within(exclude, ranker.num_items))
+    scores, best = ranker.top_k(items, behaviours, k, exclude)
     lists = []
     for row_scores, row_best in zip(scores, best, strict=True):
         finite = np.isfinite(row_scores)  # -inf: excluded items (or padding) filling a short list

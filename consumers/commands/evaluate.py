@@ -14,12 +14,15 @@ excludes_zero}}}};
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from casm_core.config import EvalConfig
 from consumers.offline import (
     BASELINES,
     VARIANTS_FILE,
@@ -30,6 +33,7 @@ from consumers.offline import (
     encode_log,
     format_differences,
     format_table,
+    format_validation,
     load_variants,
     make_split,
     run_variant,
@@ -47,7 +51,11 @@ FORMAT_PRESETS = {"movielens": "movielens", "taobao": "taobao", "retailrocket": 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="log file or data-set folder")
+    parser.add_argument("--data", type=Path, default=None, help="log file or data-set folder")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None,
+        help="instead of running: merge result JSONs of the same split (variants run apart) into --output",
+    )
     parser.add_argument("--format", default="generic", choices=LOG_FORMATS, help="log format")
     parser.add_argument("--target", default=None, help="target behaviour (shortcut for --behaviours.target)")
     parser.add_argument(
@@ -76,6 +84,12 @@ def default_preset(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace, settings: CasmSettings) -> int:
+    if args.merge:
+        if args.output is None:
+            raise SystemExit("casm evaluate --merge needs --output")
+        return merge(args.merge, args.reference, args.output)
+    if args.data is None:
+        raise SystemExit("casm evaluate: --data is required (or --merge)")
     if args.target:
         settings.behaviours.target = args.target
     if settings.train.threads:
@@ -111,17 +125,6 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
             log.info("%s seed %d: test %s", name, seed, {k: round(v, 4) for k, v in result["test"].items()})
             runs.append(result)
     cfg = settings.eval
-    protocol = describe_protocol(cfg, heldout is not None, split.test.users)
-    summary = aggregate(runs, cfg, split.test.users)
-    differences = compare(runs, summary, cfg, args.reference, split.test.users)
-    tables = [
-        format_table(summary, cfg, protocol),
-        format_differences(differences["baseline"], cfg, "Paired difference, variant minus the best baseline "
-                           "per metric by its test mean"),
-        format_differences(differences["reference"], cfg, f"Paired difference, variant minus {args.reference}"),
-    ]
-    output = args.output or Path("runs") / f"evaluate-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "data": str(loaded.path),
         "format": args.format,
@@ -131,8 +134,9 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "items": encoded.events.num_items,
         "evaluated_users": len(split.test),
         "evaluated_distinct_users": int(len(set(split.test.users.tolist()))),
+        "validation_cases": len(split.validation),
         "skipped_users": split.skipped,
-        "protocol": protocol,
+        "protocol": describe_protocol(cfg, heldout is not None, split.test.users),
         "behaviours": settings.behaviours.model_dump(),
         "eval": cfg.model_dump(),
         "seeds": seeds,
@@ -140,14 +144,47 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
             "user_id": encoded.user_ids[split.test.users].tolist(),
             "item_id": encoded.items.id_of(split.test.positives),
         },
-        "summary": summary,
-        "differences": differences,
         "runs": runs,
     }
+    output = args.output or Path("runs") / f"evaluate-{Path(args.data).name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return _finish(result, cfg, args.reference, output)
+
+
+def _finish(result: dict, cfg: EvalConfig, reference: str, output: Path) -> int:
+    """Summary, differences and tables of `result["runs"]`; writes the JSON, prints the tables."""
+    runs = result["runs"]
+    _, groups = np.unique(np.asarray(result["test_cases"]["user_id"], dtype=str), return_inverse=True)
+    summary = aggregate(runs, cfg, groups)
+    differences = compare(runs, summary, cfg, reference, groups)
+    tables = [
+        format_table(summary, cfg, result["protocol"]),
+        format_differences(differences["baseline"], cfg, "Paired difference, variant minus the best baseline "
+                           "per metric by its test mean"),
+        format_differences(differences["reference"], cfg, f"Paired difference, variant minus {reference}"),
+        format_validation(runs, cfg),
+    ]
+    result = {**result, "summary": summary, "differences": differences}
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(dumps_result(result))
     print("\n\n".join(table for table in tables if table))
     print(
-        f"\n{len(split.test)} test cases ({result['evaluated_distinct_users']} users), {len(split.validation)} "
-        f"validation cases; skipped: {split.skipped}; result: {output}"
+        f"\n{result['evaluated_users']} test cases ({result['evaluated_distinct_users']} users); skipped: "
+        f"{result['skipped_users']}; result: {output}"
     )
     return 0
+
+
+def merge(paths: list[Path], reference: str, output: Path) -> int:
+    """``casm evaluate --merge``: one result from several runs of the same split (e.g. variants run
+    in parallel processes); refuses results whose test cases or evaluation settings differ."""
+    results = [json.loads(path.read_text()) for path in paths]
+    first = results[0]
+    for path, other in zip(paths[1:], results[1:], strict=True):
+        if other["test_cases"] != first["test_cases"] or other["eval"] != first["eval"]:
+            raise SystemExit(f"casm evaluate --merge: {path} has other test cases or eval settings than {paths[0]}")
+    runs = [run for result in results for run in result["runs"]]
+    seen = {(run["variant"], run["seed"]) for run in runs}
+    if len(seen) != len(runs):
+        raise SystemExit("casm evaluate --merge: a variant and seed appear twice")
+    merged = {**first, "runs": runs, "seeds": sorted({s for r in results for s in r["seeds"]}), "merged_from": [str(p) for p in paths]}
+    return _finish(merged, EvalConfig.model_validate(first["eval"]), reference, output)

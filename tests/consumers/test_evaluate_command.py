@@ -140,3 +140,25 @@ def test_evaluate_runs_on_shared_logs(data_dir: Path, tmp_path: Path, name: str,
     result = json.loads(output.read_text())
     assert result["evaluated_users"] > 0
     assert 0.0 <= result["summary"]["casm"]["sampled.hr@10"]["mean"] <= 1.0
+
+
+def test_merge_joins_runs_of_one_split_and_refuses_others(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = planted_log(tmp_path / "planted.csv", num_users=40)
+    variants = str(variants_with_recent(tmp_path / "v.toml"))
+    parts = []
+    for name in ("mostpop", "recent"):
+        parts.append(tmp_path / f"{name}.json")
+        assert main(["evaluate", "--data", str(data), "--variants-file", variants, "--output", str(parts[-1]),
+                     *BASELINE_ARGS, "--variants", name, *FAST]) == 0
+    merged = tmp_path / "merged.json"
+    assert main(["evaluate", "--merge", *map(str, parts), "--output", str(merged)]) == 0
+    result = json.loads(merged.read_text())
+    assert sorted(result["summary"]) == ["mostpop", "recent"] and len(result["runs"]) == 2
+    alone = json.loads(parts[1].read_text())
+    assert result["summary"]["recent"] == alone["summary"]["recent"]
+    assert "Validation" in capsys.readouterr().out
+    other = tmp_path / "other.json"
+    assert main(["evaluate", "--data", str(planted_log(tmp_path / "p2.csv", num_users=30)), "--variants-file",
+                 variants, "--output", str(other), *BASELINE_ARGS, "--variants", "recent", *FAST]) == 0
+    with pytest.raises(SystemExit, match="other test cases"):
+        main(["evaluate", "--merge", str(parts[0]), str(other), "--output", str(tmp_path / "bad.json")])

@@ -95,7 +95,7 @@ def test_sasrec_variant_has_no_context_table() -> None:
 
 
 def test_grow_keeps_old_rows_and_adds_new_ones() -> None:
-    model = make_model()
+    model = make_model(repeat_score=False)  # the option tables' growth: test_loss_and_training
     items_before = model.item_embedding.weight.detach().clone()
     context_before = model.context_embedding.weight.detach().clone()
     replaced = model.grow(NUM_ITEMS + 5, NUM_BEHAVIOURS + 1)
@@ -118,8 +118,9 @@ def _trained_on_behaviour_split(conditioning: str):
     rng = np.random.default_rng(0)
     behaviours = rng.integers(1, 3, (64, 9))  # 1 = pv, 2 = buy
     items = np.where(behaviours == 1, rng.integers(1, 11, behaviours.shape), rng.integers(11, 21, behaviours.shape))
-    cfg = ModelConfig(hidden_dim=16, context_dim=8, ffn_dim=16, max_len=8, dropout=0.0, target_conditioning=conditioning)
-    trainer = Trainer(cfg, TrainConfig(seed=0, batch_size=32, learning_rate=1e-2, num_negatives=4),
+    cfg = ModelConfig(hidden_dim=16, context_dim=8, ffn_dim=16, max_len=8, dropout=0.0,
+                      target_conditioning=conditioning, repeat_score=False)
+    trainer = Trainer(cfg, TrainConfig(seed=0, batch_size=32, learning_rate=1e-2, num_negatives=4, window_negatives=0),
                       BehaviourConfig(names=["pv", "buy"], target="buy", alpha={}), item_ids=[str(i) for i in range(20)])
     trainer.fine_tune(items, behaviours, steps=150)
     return trainer.model, items[:8, 1:], behaviours[:8, 1:]
