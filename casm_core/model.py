@@ -133,10 +133,10 @@ class CASM(nn.Module):
         self.blocks = nn.ModuleList(SelfAttentionBlock(cfg) for _ in range(cfg.num_blocks))
         self.final_norm = nn.LayerNorm(d)
         rows = num_behaviours + 1
-        # Per target behaviour tables, all zero at start: the options start as the plain model
-        # and learn their effect. In the repeat tables row 0 is shared by every target and added
-        # to the target's own row: the target is often rare (2 % of Taobao events), and learns
-        # from its own positions only what differs from the common repeat pattern.
+        # Per target behaviour tables, zero at start (FiLM starts as the plain model, the repeat
+        # term as nothing). In the repeat tables row 0 is shared by every target and added to the
+        # target's own row: the target is often rare (2 % of Taobao events) and learns from its
+        # own positions only what differs from the common repeat pattern.
         self.target_scale = self.target_shift = None
         if cfg.target_conditioning == "film":
             self.target_scale = nn.Embedding(rows, d)
@@ -150,7 +150,8 @@ class CASM(nn.Module):
         self._init_weights()
 
     def _behaviour_tables(self) -> list[nn.Embedding]:
-        """Tables with one row per behaviour (row 0 padding) that grow with the vocabulary."""
+        """Tables with one row per behaviour that grow with the vocabulary (row 0: padding in the
+        context table, the row shared by every target in the option tables)."""
         tables = [
             self.context_embedding, self.target_scale, self.target_shift,
             self.repeat_gate, self.repeat_gate_bias, self.repeat_base_scale,

@@ -198,7 +198,7 @@ class Trainer:
 
     def step(self, batch: TrainingBatch) -> StepStats:
         """One optimisation step of the weighted BCE (plus the next-behaviour loss when its
-        weight is set) on `batch`."""
+        weight is set) on `batch`; with window negatives, on log-Q corrected logits."""
         self.model.train()
         input_items = self._tensor(batch.input_items)
         input_behaviours = self._tensor(batch.input_behaviours)
@@ -241,10 +241,15 @@ class Trainer:
         width = items.shape[1]
         position = torch.arange(width, device=items.device)
         earlier = (position[:, None] >= position[None, :]) & (items != 0)[:, None, :]  # [B, W, W]
-        counts = ((candidates.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]).sum(-1)
+        # The sampled negatives never touch the user's items: only the positive and the window
+        # negatives can be window items.
+        near = torch.cat([candidates[..., :1], candidates[..., 1 + cfg.num_negatives :]], dim=-1)
+        counts = ((near.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]).sum(-1)
         seen = earlier.sum(-1, keepdim=True).clamp(min=1)  # |w_t|, [B, W, 1]
-        rate_ratio = cfg.window_negatives * counts * num_items / (cfg.num_negatives * seen)
-        return torch.where(counts > 0, torch.log(rate_ratio.clamp(min=1e-12)), torch.zeros_like(rate_ratio, dtype=torch.float32))
+        ratio = cfg.window_negatives * counts * num_items / (cfg.num_negatives * seen)
+        near_correction = torch.where(counts > 0, torch.log(ratio.clamp(min=1e-12)), 0.0).float()
+        sampled = near_correction.new_zeros(*near_correction.shape[:-1], cfg.num_negatives)
+        return torch.cat([near_correction[..., :1], sampled, near_correction[..., 1:]], dim=-1)
 
     def _stats(
         self, per_position: torch.Tensor, behaviours: torch.Tensor, has_target: torch.Tensor, loss: float

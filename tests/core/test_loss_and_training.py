@@ -214,3 +214,16 @@ def test_options_train_and_grow_with_new_items_and_behaviours() -> None:
     assert phi.shape == (5, 5 * cfg.repeat_age_buckets)
     stats = trainer.fine_tune(np.array([[21, 1, 2, 21]]), np.array([[4, 1, 2, 4]]), steps=2)
     assert math.isfinite(stats.loss) and "fav" in stats.loss_by_behaviour
+
+
+def test_sampling_correction_puts_window_items_on_the_uniform_negatives_scale() -> None:
+    trainer = make_trainer(num_negatives=1, window_negatives=1)  # 20 items
+    items = torch.tensor([[0, 3, 5, 3, 7]])
+    # Candidates per position: positive, one sampled, one window negative.
+    candidates = torch.tensor([[[0, 0, 0], [5, 9, 3], [3, 9, 5], [7, 9, 3], [3, 9, 5]]])
+    correction = trainer._sampling_correction(items, candidates, num_items=20)
+    # At position 3 (window 3, 5, 3: |w| = 3) item 3 occurs twice: rate 1 * 2 / 3 against 1 / 20.
+    assert correction[0, 3, 2].item() == pytest.approx(math.log(2 / 3 * 20))
+    assert correction[0, 2, 0].item() == pytest.approx(math.log(1 / 2 * 20))  # positive 3 seen once of 2
+    assert correction[0, 1, 0].item() == 0.0  # positive 5 is not in the window yet
+    assert (correction[..., 1] == 0).all()  # sampled negatives are never window items
