@@ -299,27 +299,46 @@ class CASM(nn.Module):
         return repeat + in_window * self.repeat_gate_of(hidden, target).unsqueeze(-1), in_window
 
     def full_logits(
-        self, items: torch.Tensor, behaviours: torch.Tensor, target: int, candidates: torch.Tensor
+        self,
+        items: torch.Tensor,
+        behaviours: torch.Tensor,
+        target: int,
+        candidates: torch.Tensor,
+        window_items: torch.Tensor | None = None,
+        num_columns: int | None = None,
     ) -> torch.Tensor:
         """Logits [B, num_items + 1] of every item after sequences items / behaviours [B, W] for
         behaviour `target`; `candidates` is ``candidate_matrix(target)`` (computed once by callers).
-        Column 0 (padding) holds junk: callers mask it."""
+        Column 0 (padding) holds junk: callers mask it.
+
+        Items newer than the model (a live service learns them at its next fine-tune): `items`
+        holds them as 0 (the encoder cannot read them), `window_items` [B, W] as their indices,
+        and the result has `num_columns` columns: such an item scores its repeat term alone when
+        it is in the window (its base score is unknown), -inf otherwise."""
+        window = items if window_items is None else window_items
         hidden = self.user_representation(items, behaviours)
         target_t = torch.full((items.shape[0], 1), target, dtype=torch.int64, device=items.device)
         logits = self.query(hidden, target_t[:, 0]) @ candidates.T
-        if self.repeat_weight is None:
-            return logits
-        width = items.shape[1]
-        ages = torch.arange(width - 1, -1, -1, device=items.device)  # the newest event has age 0
-        buckets = age_buckets(ages, self.cfg.repeat_age_buckets).expand(items.shape[0], 1, -1)
-        weights = self._occurrence_weights(target_t, behaviours[:, None, :], buckets)[:, 0] * (items != 0)
-        # Per distinct item once (at its newest occurrence): the gate, and the change of its base
-        # score by the window scale.
-        newest = ~(items[:, :, None] == items[:, None, :]).triu(diagonal=1).any(-1) & (items != 0)
-        gate = self.repeat_gate_of(hidden, target_t[:, 0])[:, None]
-        scale = self._shared_plus(self.repeat_base_scale, target_t[:, 0])  # [B, 1]
-        once = (gate + scale * logits.gather(1, items)) * newest
-        return logits.scatter_add(1, items, weights + once)
+        known = logits.shape[1]
+        if num_columns is not None and num_columns > known:
+            logits = torch.cat([logits, logits.new_zeros(logits.shape[0], num_columns - known)], dim=1)
+        if self.repeat_weight is not None:
+            width = items.shape[1]
+            ages = torch.arange(width - 1, -1, -1, device=items.device)  # the newest event has age 0
+            buckets = age_buckets(ages, self.cfg.repeat_age_buckets).expand(items.shape[0], 1, -1)
+            weights = self._occurrence_weights(target_t, behaviours[:, None, :], buckets)[:, 0] * (window != 0)
+            # Per distinct item once (at its newest occurrence): the gate, and the change of its
+            # base score by the window scale.
+            newest = ~(window[:, :, None] == window[:, None, :]).triu(diagonal=1).any(-1) & (window != 0)
+            gate = self.repeat_gate_of(hidden, target_t[:, 0])[:, None]
+            scale = self._shared_plus(self.repeat_base_scale, target_t[:, 0])  # [B, 1]
+            once = (gate + scale * logits.gather(1, window)) * newest
+            logits = logits.scatter_add(1, window, weights + once)
+        if logits.shape[1] > known:
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, window, True)
+            unscored = seen[:, known:] if self.repeat_weight is not None else torch.zeros_like(seen[:, known:])
+            logits[:, known:] = torch.where(unscored, logits[:, known:], -torch.inf)
+        return logits
 
     def next_behaviour_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., num_behaviours + 1] of the next event's behaviour from hidden [..., d]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,6 +26,7 @@ class Scorer:
         self.model = model.eval()
         self.device = model.item_embedding.weight.device
         self.target = target_behaviour
+        self.catalogue = model.num_items  # items scored; more with `with_catalogue`
         with torch.inference_mode():
             self.candidates = model.candidate_matrix(target_behaviour)  # [N + 1, d]
 
@@ -37,12 +39,28 @@ class Scorer:
 
     @torch.inference_mode()
     def score_all(self, items: np.ndarray | torch.Tensor, behaviours: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Scores [B, num_items + 1] of every item after sequences items/behaviours [B, W];
-        column 0 (padding) is -inf. Items unknown to the model are clipped to padding."""
+        """Scores [B, catalogue + 1] of every item after sequences items/behaviours [B, W];
+        column 0 (padding) is -inf. Items unknown to the model are padding to its encoder (see
+        `with_catalogue` for how they are scored)."""
         items_t = self._known(items)
-        scores = self.model.full_logits(items_t, self._tensor(behaviours), self.target, self.candidates)
+        window = None
+        if self.catalogue > self.num_items:
+            window = self._tensor(items)
+            window = torch.where(window > self.catalogue, torch.zeros_like(window), window)
+        scores = self.model.full_logits(
+            items_t, self._tensor(behaviours), self.target, self.candidates, window, self.catalogue + 1
+        )
         scores[:, 0] = -torch.inf
         return scores
+
+    def with_catalogue(self, num_items: int) -> Scorer:
+        """This scorer over `num_items` items (a live store's vocabulary, which grows before the
+        model learns its new items): `score_all` then gives [B, num_items + 1], window items the
+        model does not know yet scored by their repeat term, other unknown items -inf. Shares the
+        model and candidate matrix (no copy)."""
+        view = copy.copy(self)
+        view.catalogue = max(num_items, self.num_items)
+        return view
 
     def _known(self, items: np.ndarray | torch.Tensor) -> torch.Tensor:
         items_t = self._tensor(items)

@@ -215,7 +215,9 @@ class Publisher:
     def _ranker(self, scorer: Scorer | None) -> tuple[Ranker | None, str]:
         """What ranks users with history, and its source label; None: the popularity list."""
         if self.cfg.has_model:
-            return scorer, "model"
+            # Items the store knows but this model version does not (seen since its fine-tune)
+            # can still be repeated: the scorer covers the store's whole vocabulary.
+            return (None if scorer is None else scorer.with_catalogue(len(self._item_vocabulary()))), "model"
         if self.cfg.recommender == "recent":
             return self._recent_items(), "recent"
         return None, "popularity"

@@ -84,3 +84,29 @@ def test_checkpoint_write_is_atomic_when_saving_fails(tmp_path, monkeypatch) -> 
         save_checkpoint(trainer, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["casm.pt"]
+
+
+def test_items_newer_than_the_model_are_scored_by_their_repeat_term_alone() -> None:
+    scorer = Scorer(trained_trainer().model, BEHAVIOURS.target_index())  # 40 items, repeat score on
+    with torch.no_grad():
+        scorer.model.repeat_gate_bias.weight.fill_(2.0)  # window items are worth repeating
+    items = np.array([[0, 3, 42, 5, 41], [1, 2, 3, 4, 5]])
+    behaviours = np.array([[0, 1, 1, 2, 1], [1, 1, 2, 3, 3]])
+    wide = scorer.with_catalogue(43)
+    scores = wide.score_all(items, behaviours)
+    assert scores.shape == (2, 44) and scorer.score_all(items, behaviours).shape == (2, 41)
+    assert torch.isfinite(scores[0, [41, 42]]).all() and torch.isinf(scores[0, 43])
+    assert torch.isinf(scores[1, 41:]).all()  # not in that user's window
+    # Known items score as before: the new items are padding to the encoder either way.
+    clipped = np.where(items > 40, 0, items)
+    torch.testing.assert_close(scores[:, :41], scorer.with_catalogue(43).score_all(clipped, behaviours)[:, :41])
+    _, best = wide.top_k(items, behaviours, k=5)
+    assert {41, 42} <= set(best[0].tolist())
+
+
+def test_without_the_repeat_score_newer_items_cannot_be_recommended() -> None:
+    cfg = ModelConfig(hidden_dim=16, context_dim=8, ffn_dim=16, max_len=8, repeat_score=False)
+    trainer = Trainer(cfg, TrainConfig(seed=1, batch_size=8, window_negatives=0), BEHAVIOURS,
+                      item_ids=[f"i{i}" for i in range(40)])
+    scores = Scorer(trainer.model, 3).with_catalogue(42).score_all(np.array([[1, 41]]), np.array([[1, 1]]))
+    assert scores.shape == (1, 43) and torch.isinf(scores[0, 41:]).all()
