@@ -282,7 +282,7 @@ class CASM(nn.Module):
         behaviours: torch.Tensor,
         candidates: torch.Tensor,
         target: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The repeat term [B, W, C] (0 for candidates outside the window up to each position)
         and whether each candidate is in the window (float 0/1, [B, W, C]); arguments as
         `candidate_logits`. Needs `repeat_score`."""
