@@ -113,6 +113,16 @@ def age_buckets(ages: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return torch.floor(torch.log2(ages.clamp(min=0).double() + 1.0)).long().clamp(max=num_buckets - 1)
 
 
+def window_matches(items: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which window events each candidate repeats, causally: for sequences items [B, W] and
+    candidates [B, W, C] (per query position), ``matched`` bool [B, W, C, W] (candidate c at
+    position t equals the real event j <= t) and ``earlier`` bool [B, W, W] (j <= t, j real)."""
+    position = torch.arange(items.shape[1], device=items.device)
+    earlier = (position[:, None] >= position[None, :]) & (items != 0)[:, None, :]
+    matched = (candidates.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]
+    return matched, earlier
+
+
 class CASM(nn.Module):
     """CASM over `num_items` items and `num_behaviours` behaviours (padding index 0 not counted)."""
 
@@ -289,11 +299,11 @@ class CASM(nn.Module):
         width = items.shape[1]
         position = torch.arange(width, device=items.device)
         ages = position[:, None] - position[None, :]  # [W(query), W(key)]
-        earlier = (ages >= 0) & (items != 0)[:, None, :]  # [B, W, W]
+        matches, earlier = window_matches(items, candidates)
         buckets = age_buckets(ages, self.cfg.repeat_age_buckets).expand(items.shape[0], -1, -1)
         weights = self._occurrence_weights(target, behaviours[:, None, :].expand(-1, width, -1), buckets)
         weights = weights * earlier
-        matched = ((candidates.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]).to(weights.dtype)
+        matched = matches.to(weights.dtype)
         repeat = torch.einsum("btcj,btj->btc", matched, weights)
         in_window = matched.amax(-1)
         return repeat + in_window * self.repeat_gate_of(hidden, target).unsqueeze(-1), in_window

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from casm_core.config import BehaviourConfig, ModelConfig, TrainConfig
 from casm_core.loss import weighted_bce
-from casm_core.model import CASM
+from casm_core.model import CASM, window_matches
 from casm_core.sampling import NegativeSampler, SequenceCorpus, TrainingBatch, training_batch
 from casm_core.vocab import Vocabulary
 
@@ -238,13 +238,11 @@ class Trainer:
         training puts both on one scale, so at inference a window item's score is comparable
         with any other item's. 0 for candidates outside the window."""
         cfg = self.train_cfg
-        width = items.shape[1]
-        position = torch.arange(width, device=items.device)
-        earlier = (position[:, None] >= position[None, :]) & (items != 0)[:, None, :]  # [B, W, W]
         # The sampled negatives never touch the user's items: only the positive and the window
         # negatives can be window items.
         near = torch.cat([candidates[..., :1], candidates[..., 1 + cfg.num_negatives :]], dim=-1)
-        counts = ((near.unsqueeze(-1) == items[:, None, None, :]) & earlier[:, :, None, :]).sum(-1)
+        matched, earlier = window_matches(items, near)
+        counts = matched.sum(-1)
         seen = earlier.sum(-1, keepdim=True).clamp(min=1)  # |w_t|, [B, W, 1]
         ratio = cfg.window_negatives * counts * num_items / (cfg.num_negatives * seen)
         near_correction = torch.where(counts > 0, torch.log(ratio.clamp(min=1e-12)), 0.0).float()
