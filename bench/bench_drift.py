@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_drift.py detectors          # false alarms and delays, many seeds
     .venv/bin/python bench/bench_drift.py simulate --out results/drift
+    .venv/bin/python bench/bench_drift.py tables results/drift/*/simulate.json   # Markdown
 
 - detectors: each River detector (ADWIN, PageHinkley, KSWIN as configured in `drift`) on
   hand-made Bernoulli signals: the share of stationary streams with any alarm, and the delay after a
@@ -28,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from casm_core.replay_buffer import ReplayBuffer  # noqa: E402
@@ -41,11 +43,12 @@ from consumers.training_worker import deterministic_steps  # noqa: E402
 from stream.config import SyntheticConfig  # noqa: E402
 from stream.synthetic import generate  # noqa: E402
 
-# The live defaults on the funnel preset; a smaller model than the live default keeps 27 runs
-# inside an hour on two cores (stated beside the results).
-BASE: CasmSettings = load_settings("funnel", progress=False, model={"hidden_dim": 32, "context_dim": 16,
-                                                                     "ffn_dim": 32, "max_len": 30},
-                                   train={"threads": 1})
+# The live defaults on the funnel preset, except a smaller model without dropout (27 runs must fit
+# in about an hour on two cores; stated beside the results) and a similarity every 100 steps.
+BASE: CasmSettings = load_settings("funnel", progress=False,
+                                   model={"hidden_dim": 32, "context_dim": 16, "ffn_dim": 32, "max_len": 30,
+                                          "dropout": 0.0},
+                                   drift={"gradient_every_steps": 100})
 
 
 def bernoulli(rng: np.random.Generator, p: float, n: int) -> np.ndarray:
@@ -97,11 +100,13 @@ class SimulationResult:
 
     positions: np.ndarray
     hits: np.ndarray
+    in_window: np.ndarray  # the bought item was in the user's window before the buy
     alpha_log: list[dict]
     detections: list[dict]
     steps: int
     seconds: float
     similarity_seconds: float
+    similarities: int
 
 
 def simulate(settings: CasmSettings, events, *, round_events: int, steps_per_1000: float,
@@ -135,10 +140,10 @@ def simulate(settings: CasmSettings, events, *, round_events: int, steps_per_100
     item_list = list(items)
     window_items = np.zeros((len(users), width), dtype=np.int64)
     window_behaviours = np.zeros((len(users), width), dtype=np.int64)
-    positions, hits, alpha_log, detections = [], [], [], []
+    positions, hits, seen, alpha_log, detections = [], [], [], [], []
     touched: dict[int, None] = {}
     since_round, carried, steps, steps_at_similarity, want_similarity = 0, 0.0, 0, 0, False
-    similarity_seconds = 0.0
+    similarity_seconds, measurements = 0.0, 0
     scorer = None
     started = time.perf_counter()
 
@@ -166,6 +171,7 @@ def simulate(settings: CasmSettings, events, *, round_events: int, steps_per_100
                 if is_target[row]:
                     positions.append(int(rows[row]))
                     hits.append(hit)
+                    seen.append(bool((window_items[user_codes[rows[row]]] == item_codes[rows[row]]).any()))
         observed = [(user_ids[r], item_ids[r], behaviour_names[r], timestamps[r], 0) for r in rows.tolist()]
         found, changes = monitor.observe(batch_hits, observed, alpha)
         detections += [{"events_applied": int(rows[-1]), "behaviour": d.behaviour, "signal": d.signal} for d in found]
@@ -194,15 +200,17 @@ def simulate(settings: CasmSettings, events, *, round_events: int, steps_per_100
             due = monitor.policy.measures_gradients and steps - steps_at_similarity >= cfg.gradient_every_steps
             if want_similarity or due:
                 measured = time.perf_counter()
-                similarity = trainer.gradient_similarity(*buffer.sample(settings.train.batch_size, serve.replay_recent_share))
+                similarity = trainer.gradient_similarity(*buffer.sample(cfg.gradient_rows, serve.replay_recent_share),
+                                                         rows=cfg.gradient_rows)
                 similarity_seconds += time.perf_counter() - measured
+                measurements += 1
                 change_alpha(monitor.policy.on_similarity(similarity, alpha), int(rows[-1]))
                 trainer.set_alpha(alpha)
                 want_similarity, steps_at_similarity = False, steps
         if count:
             scorer = Scorer(trainer.model, target_index).with_catalogue(len(items))
-    return SimulationResult(np.asarray(positions), np.asarray(hits), alpha_log, detections, steps,
-                            time.perf_counter() - started, similarity_seconds)
+    return SimulationResult(np.asarray(positions), np.asarray(hits), np.asarray(seen, dtype=bool), alpha_log, detections, steps,
+                            time.perf_counter() - started, similarity_seconds, measurements)
 
 
 def windowed(result: SimulationResult, window: int, total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,6 +242,7 @@ def recovery(starts: np.ndarray, hr: np.ndarray, drift_at: int, pre_span: int, w
 
 
 def bench_simulate(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(1)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
@@ -247,16 +256,21 @@ def bench_simulate(args: argparse.Namespace) -> dict:
             for policy in args.policies:
                 settings = BASE.model_copy(deep=True)
                 settings.drift.policy = policy
+                if args.alpha:
+                    settings.behaviours.alpha = {**settings.behaviours.alpha, **json.loads(args.alpha)}
                 settings.train.seed = seed
                 settings.drift.seed = seed
                 result = simulate(settings, stream.events, round_events=args.round_events,
                                   steps_per_1000=args.steps_per_1000, batch_events=args.batch_events)
                 starts, hr = windowed(result, args.window, args.events)
                 key = f"{drift}/{policy}/seed{seed}"
+                unseen = ~result.in_window
                 runs[key] = {
                     "overall": float(result.hits.mean()), "target_events": int(result.hits.size),
+                    "overall_not_in_window": float(result.hits[unseen].mean()) if unseen.any() else float("nan"),
+                    "share_in_window": float(result.in_window.mean()),
                     "steps": result.steps, "seconds": round(result.seconds, 1),
-                    "similarity_seconds": round(result.similarity_seconds, 2),
+                    "similarity_seconds": round(result.similarity_seconds, 2), "similarities": result.similarities,
                     "alpha_changes": len(result.alpha_log), "detections": len(result.detections),
                     "final_alpha": {b: round(v, 4) for b, v in (result.alpha_log and _final_alpha(settings, result) or {}).items()},
                     **({} if drift == "stationary" else recovery(starts, hr, args.drift_at, args.pre_span, args.window)),
@@ -304,8 +318,9 @@ def summarise_simulation(runs: dict[str, dict], args: argparse.Namespace) -> dic
                 for key in ("before", "after", "lowest_after"):
                     entry[key] = _interval([r[key] for r in rows])
                 entry["events_to_recover_90pct"] = [r["events_to_recover_90pct"] for r in rows]
-            fixed = [runs[f"{drift}/fixed/seed{s}"]["overall"] for s in range(args.seeds)]
-            entry["overall_minus_fixed"] = _interval([r["overall"] - f for r, f in zip(rows, fixed, strict=True)])
+            if "fixed" in args.policies:
+                fixed = [runs[f"{drift}/fixed/seed{s}"]["overall"] for s in range(args.seeds)]
+                entry["overall_minus_fixed"] = _interval([r["overall"] - f for r, f in zip(rows, fixed, strict=True)])
             summary[f"{drift}/{policy}"] = entry
     return summary
 
@@ -343,9 +358,41 @@ def plot_simulation(out: Path, curves: dict[str, dict], args: argparse.Namespace
     plt.close(fig)
 
 
+def format_tables(paths: list[Path]) -> str:
+    """Markdown tables (policy x seed, and means with 95 % intervals over seeds) of simulate.json files."""
+    def f(value) -> str:
+        return "n/a" if value is None or value != value else f"{value:.3f}"
+
+    def ci(triple) -> str:
+        return f"{f(triple[0])} [{f(triple[1])}, {f(triple[2])}]"
+
+    lines = ["| run | seed | HR@10 before | after | lowest window after | events to 90 % | overall | not in window | alpha changes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    summaries = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        for key, run in data["runs"].items():
+            drift, policy, seed = key.split("/")
+            recover = run.get("events_to_recover_90pct", "")
+            lines.append(f"| {drift} / {policy} | {seed[4:]} | {f(run.get('before'))} | {f(run.get('after'))} | "
+                         f"{f(run.get('lowest_after'))} | {'' if recover is None and drift == 'stationary' else recover} | "
+                         f"{f(run['overall'])} | {f(run.get('overall_not_in_window'))} | {run['alpha_changes']} |")
+        summaries.append(data.get("summary", {}))
+    lines += ["", "| run | HR@10 before | after | overall | overall minus `fixed` (paired by seed) | events to 90 % by seed |",
+              "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for summary in summaries:
+        for key, entry in summary.items():
+            lines.append(f"| {key.replace('/', ' / ')} | {ci(entry['before']) if 'before' in entry else ''} | "
+                         f"{ci(entry['after']) if 'after' in entry else ''} | {ci(entry['overall'])} | "
+                         f"{ci(entry['overall_minus_fixed']) if 'overall_minus_fixed' in entry else ''} | "
+                         f"{entry.get('events_to_recover_90pct', '')} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["detectors", "simulate"])
+    parser.add_argument("what", choices=["detectors", "simulate", "tables"])
+    parser.add_argument("files", nargs="*", type=Path, help="tables: simulate.json files")
     parser.add_argument("--seeds", type=int, default=None, help="detectors: streams per case (200); simulate: seeds (3)")
     parser.add_argument("--length", type=int, default=2_000, help="detectors: updates per stream")
     parser.add_argument("--events", type=int, default=150_000, help="simulate: synthetic events")
@@ -357,8 +404,12 @@ def main() -> None:
     parser.add_argument("--batch-events", type=int, default=100, help="simulate: events per batch (poll)")
     parser.add_argument("--drifts", nargs="+", default=list(DRIFTS), choices=list(DRIFTS), help="simulate: drift kinds")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES), help="simulate: policies")
+    parser.add_argument("--alpha", default=None, help='simulate: starting alpha overrides (JSON, e.g. {"pv": 1.0})')
     parser.add_argument("--out", type=Path, default=Path("results/drift"), help="simulate: output folder")
     args = parser.parse_args()
+    if args.what == "tables":
+        print(format_tables(args.files))
+        return
     if args.what == "detectors":
         result = bench_detectors(args.seeds or 200, args.length)
     else:

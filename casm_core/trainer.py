@@ -233,20 +233,22 @@ class Trainer:
         self.steps += 1
         return self._stats(result.per_position, target_behaviours, has_target, result.loss.item())
 
-    def gradient_similarity(self, items: np.ndarray, behaviours: np.ndarray) -> dict[str, float]:
+    def gradient_similarity(self, items: np.ndarray, behaviours: np.ndarray, rows: int | None = None) -> dict[str, float]:
         """Cosine similarity between the gradient of each behaviour's loss and the target's
         (Du et al. 2018, "Adapting Auxiliary Losses Using Gradient Similarity"), on one batch of
         the left-padded sequences items/behaviours [n, N]: behaviour b's loss is the unweighted
         BCE of the positions whose next event is b; gradients over every trainable weight. No
         step is taken. Behaviours without a position in the batch are left out; the target's own
-        similarity is 1. Cost: one forward and one backward pass per behaviour present."""
+        similarity is 1. `rows`: sequences used (default `batch_size`; more: a steadier estimate).
+        Cost: one forward and one backward pass per behaviour present, over `rows` sequences."""
         corpus = SequenceCorpus.from_padded(items, behaviours)
         eligible = np.flatnonzero(corpus.lengths >= 2)
         if eligible.size == 0:
             return {}
         self._check_known(items)
         self.grow()
-        take = self.rng.choice(eligible, size=min(self.train_cfg.batch_size, eligible.size), replace=False)
+        size = min(rows or self.train_cfg.batch_size, eligible.size)
+        take = self.rng.choice(eligible, size=size, replace=False)
         self.model.train()
         result, _, target_behaviours, has_target = self._losses(self._batch(corpus, take), weighted=False)
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -179,13 +179,18 @@ class DriftConfig(BaseModel):
 
     enabled: bool = Field(True, description="Score events test-then-train and watch for drift.")
     policy: Literal["fixed", "conversion", "gradient"] = Field(
-        "conversion", description="'conversion': re-weight alpha_b from b's conversion after a drift; "
+        "fixed", description="'fixed' (the default: neither adaptive policy helped in BENCHMARKS.md's drift "
+        "experiment): never change alpha; 'conversion': re-weight alpha_b from b's conversion after a drift; "
         "'gradient': alpha_b from the cosine similarity of b's loss gradient with the target's "
         "(clipped at 0, smoothed), measured when a detector fires and every gradient_every_steps "
-        "trainer steps; 'fixed': never change alpha (for comparison)."
+        "trainer steps."
     )
     gradient_every_steps: int = Field(
         500, ge=1, description="Policy 'gradient': trainer steps between two scheduled similarity measurements."
+    )
+    gradient_rows: int = Field(
+        512, ge=1, description="Policy 'gradient': sequences of the replay buffer one similarity measurement uses "
+        "(a single batch's cosine is noisy)."
     )
     gradient_smoothing: float = Field(
         0.3, gt=0, le=1, description="Policy 'gradient': step of alpha_b towards each new estimate (1: jump to it)."

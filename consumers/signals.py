@@ -111,6 +111,8 @@ class SignalWatch:
             return
         monitor: DriftMonitor = state["monitor"]
         monitor.cfg = monitor.detectors.cfg = self.cfg  # settings of this run (thresholds may change)
+        if hasattr(monitor.policy, "cfg"):
+            monitor.policy.cfg = self.cfg
         self.monitor = monitor
         self.rng.bit_generator.state = state["rng"]
         self.events_scored = state["events_scored"]

@@ -48,6 +48,7 @@ def trainer_plan(settings: CasmSettings) -> TrainerPlan:
         recent_users=cfg.replay_recent_users,
         reservoir_users=cfg.replay_reservoir_users,
         similarity_every_steps=settings.drift.gradient_every_steps if settings.drift.policy == "gradient" else 0,
+        similarity_rows=settings.drift.gradient_rows,
         seed=settings.train.seed,
     )
 
@@ -137,7 +138,11 @@ class TrainerLink:
         become the serving model."""
         if self.worker.ready:
             return True
-        if not self.worker.poll_ready(wait_s):
+        try:
+            if not self.worker.poll_ready(wait_s):
+                return False
+        except RuntimeError as exc:  # it died while starting: try again later, ingestion goes on
+            self._restart(str(exc))
             return False
         if self._initial_version is not None and self.serving.version < self._initial_version:
             self.serving.load(self._initial_version, self.worker.initial_weights, self.worker.initial_num_items,
@@ -218,7 +223,10 @@ class TrainerLink:
             steps = 0
         self._feed(list(self._touched), events_applied, steps)
         if steps:
-            self._handle(self.worker.wait_version(self.cfg.worker_timeout_s))
+            try:
+                self._handle(self.worker.wait_version(self.cfg.worker_timeout_s))
+            except RuntimeError as exc:
+                self._restart(str(exc))
 
     # ------------------------------------------------------------------------- collecting
     def collect(self) -> None:

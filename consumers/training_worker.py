@@ -61,6 +61,7 @@ class TrainerPlan:
     recent_users: int = 2_048
     reservoir_users: int = 8_192
     similarity_every_steps: int = 0
+    similarity_rows: int = 512
     seed: int = 0
 
 
@@ -250,12 +251,12 @@ class _TrainerLoop:
 
     def measure_similarity(self) -> None:
         started = time.perf_counter()
-        items, behaviours = self.buffer.sample(self.trainer.train_cfg.batch_size, self.plan.recent_share)
+        items, behaviours = self.buffer.sample(self.plan.similarity_rows, self.plan.recent_share)
         self.similarity_due = False
         self.steps_at_similarity = self.steps_total
         if items.shape[0] == 0:
             return
-        similarity = self.trainer.gradient_similarity(items, behaviours)
+        similarity = self.trainer.gradient_similarity(items, behaviours, rows=self.plan.similarity_rows)
         if similarity:
             self.conn.send(Similarity(similarity, self.steps_total, self.events_applied, time.perf_counter() - started))
 

@@ -135,7 +135,7 @@ def test_partitions_keep_their_own_clock() -> None:
 
 
 def test_monitor_lowers_alpha_of_a_behaviour_that_stops_converting() -> None:
-    cfg = DriftConfig(horizon_s=10, settle_outcomes=100, smoothing=1.0, signals=["conversion"])
+    cfg = DriftConfig(policy="conversion", horizon_s=10, settle_outcomes=100, smoothing=1.0, signals=["conversion"])
     monitor = DriftMonitor(cfg, target="buy")
     alpha = {"pv": 0.2, "cart": 1.0, "fav": 0.5, "buy": 1.0}
     rng = np.random.default_rng(7)

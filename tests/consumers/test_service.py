@@ -304,3 +304,32 @@ def test_drift_detector_state_is_the_same_after_a_sigterm_restart(
     finally:
         restarted.stop()
         restarted.run(until=lambda s: True)
+
+
+def test_a_dead_trainer_is_restarted_from_its_checkpoint_and_ingestion_goes_on(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, kafka_config, topic_names)
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    events = cluster_events(10, range(0, 12), "a", 9, 1.7e9)
+    produce(kafka_bootstrap, settings, events)
+    service = Service(settings, kafka_bootstrap)
+    try:
+        run_until(service, lambda: service.report.events_applied == len(events) and service.publisher.pending == 0)
+        assert service.trainer.ready(wait_s=60)
+        fine_tune(service)
+        assert service.serving.version == 1
+        service.trainer.worker._process.kill()
+        service.trainer.worker._process.join(10)
+        more = cluster_events(10, range(0, 12), "a", 10, 1.7e9 + 1e3)
+        produce(kafka_bootstrap, settings, more)
+        run_until(service, lambda: service.report.events_applied == len(events) + len(more))  # no exception
+        assert service.trainer.restarts == 1
+        run_until(service, lambda: service.trainer.ready(), timeout_s=120)
+        fine_tune(service)  # the new process resumed from version 1's checkpoint
+        assert service.serving.version == 2
+    finally:
+        service.stop()
+        service.run(until=lambda s: True)
+    with service_store(settings) as store:
+        assert [m["version"] for m in store.models()] == [1, 2]
