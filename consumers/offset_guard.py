@@ -16,8 +16,10 @@ topic, partition, the stored offset and the log's range; the gauge ``casm_offset
 * ``reset-earliest``: the store's offset of the partition is reset to the log start (recorded in
   the store's ``offset_resets``) and the partition is read from there.
 
+Under ``fail`` a stopped partition stays stopped for the life of the process, across reassignments.
 Known limit: a recreated partition that has already received more records than our stored offset
-by the time we rejoin looks in range, and the records below the stored offset are not read.
+by the time the service first fetches from it (e.g. a service started after the new log grew) looks
+in range, and the records below the stored offset are not read.
 """
 
 from __future__ import annotations
@@ -63,10 +65,12 @@ class OffsetGuard:
         self.resets: list[OutOfRange] = []
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
-        """A new assignment: partitions are sought afresh and checked again at the next fetch."""
-        for tp in partitions:
-            if self.stopped.pop(tp, None) is not None:
-                self.metrics.offset_out_of_range.labels(tp.topic, str(tp.partition)).set(0)
+        """A new assignment (e.g. after the group re-formed on a restarted broker): a partition
+        stopped before stays stopped for the life of this process, even if its new log has grown
+        past the stored offset meanwhile (it would look in range and skip what lies below)."""
+        held = [tp for tp in partitions if tp in self.stopped]
+        if held:
+            self.consumer.pause(*held)
 
     def check(self) -> None:
         """Compare every assigned, running partition's position with its high watermark."""
