@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from casm_core.baselines import RecentItems
 from casm_core.scoring import Scorer
 from consumers.ranking import PopularItems, RankedList, Ranker, exclusions, ranked_lists

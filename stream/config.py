@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-
 MIN_PLAUSIBLE_TIMESTAMP = 315_532_800.0
 """1980-01-01T00:00:00Z in unix seconds: the default earliest event time."""
 
