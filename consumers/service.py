@@ -195,7 +195,9 @@ class Service:
             offset = published.get(user, {}).get("event_offset")
             return -1 if offset is None else offset
 
-        behind = [user for user, offset in zip(users, newest.tolist(), strict=True) if reflected(user) < offset]
+        # != rather than <: after an offset reset (kafka.offset_out_of_range = reset-earliest) a
+        # user's newest event can have a lower offset than the list published before the reset.
+        behind = [user for user, offset in zip(users, newest.tolist(), strict=True) if reflected(user) != offset]
         if behind:
             log.info("%d users have applied events without a published recommendation: refreshing them", len(behind))
             self.publisher.touch(behind, time.monotonic())
@@ -304,7 +306,7 @@ class Service:
         events, dead = decode_behaviours(flat, self.validator)
         events, conflicts = split_conflicts(events, self.store, self.store.offsets(self.topics.behaviours), flat,
                                             self.validator)
-        if not self._deliver_dead_letters(dead + conflicts, records):
+        if not self._deliver_dead_letters(dead + conflicts, flat):
             return  # held back: read again, nothing applied
         if conflicts:
             self.metrics.conflicting_duplicates.inc(len(conflicts))
@@ -333,11 +335,11 @@ class Service:
         # Kafka's committed offsets are informational (monitoring tools); the store is the truth.
         self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
 
-    def _deliver_dead_letters(self, dead: list, records: dict | None) -> bool:
+    def _deliver_dead_letters(self, dead: list, flat: list | None) -> bool:
         """Send `dead` and wait for the broker's acknowledgements (``kafka.dead_letter_ack_timeout_s``);
-        count them once acknowledged. When one is not and `records` (the polled batch) is given, the
-        batch is held back: every partition is sought back to the batch's first record, so nothing
-        of it is applied and it is read (and its dead letters sent) again."""
+        count them once acknowledged. When one is not and `flat` (the batch's records) is given, the
+        batch is held back: each of its partitions is sought back to the batch's first record there,
+        so nothing of it is applied and it is read (and its dead letters sent) again."""
         if not dead:
             self._held_back = None
             return True
@@ -347,15 +349,17 @@ class Service:
             self.report.dead_letters += len(dead)
             self._held_back = None
             return True
-        if records is None:
+        if flat is None:
             return False
         self._held_back = (f"dead letters cannot be delivered to {self.topics.dead_letters}: a batch of "
-                           f"{sum(len(b) for b in records.values())} records is held back and read again")
+                           f"{len(flat)} records is held back and read again")
         log.warning("%s", self._held_back)
         self.metrics.dead_letter_holds.inc()
-        for tp, batch in records.items():
-            if batch:
-                self.consumer.seek(tp, batch[0].offset)
+        first: dict[TopicPartition, int] = {}
+        for record in flat:
+            first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
         return False
 
     def _apply(self, events, offsets, records: list) -> tuple:

@@ -200,3 +200,32 @@ def test_a_conflicting_duplicate_goes_to_the_dead_letter_topic(
     finally:
         service.stop()
         service._shutdown()
+
+
+def test_an_undeliverable_dead_letter_holds_its_batch_back(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    settings = fault_settings(tmp_path, kafka_config, topic_names, max_request_size=2048)
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    producer = make_producer(settings.kafka, kafka_bootstrap)
+    producer.send(settings.topics.behaviours, key=b"u0", value=b"{not json" + b"x" * 8_000)
+    producer.flush()
+    producer.close()
+    produce(kafka_bootstrap, settings, events_for(range(3), 1))
+    service = Service(settings, kafka_bootstrap)
+    service.dead_letters.max_record_bytes = 10**6  # not cut to the producer's limit: it cannot be sent
+    try:
+        steps_until(service, lambda: service.metrics.dead_letter_holds._value.get() >= 2, 60, "batch held back twice")
+        assert service.report.events_applied == 0 and service.report.dead_letters == 0
+        assert service.store.offsets(settings.topics.behaviours) == {}  # no offset recorded past it
+        ok, details = service.health()
+        assert not ok and any("held back" in p for p in details["problems"])
+        service.dead_letters.max_record_bytes = settings.kafka.max_request_size  # cut to fit again
+        steps_until(service, lambda: service.report.events_applied == 3 and service.report.dead_letters == 1, 60,
+                    "batch applied once the dead letter landed")
+        assert not any("held back" in p for p in service.health()[1]["problems"])
+        letters = read_topic(settings.kafka, kafka_bootstrap, settings.topics.dead_letters)
+        assert len(letters) == 1 and DeadLetter.model_validate_json(letters[0].value).truncated
+    finally:
+        service.stop()
+        service._shutdown()

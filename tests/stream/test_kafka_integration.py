@@ -254,7 +254,7 @@ def test_concurrent_producers_keep_per_user_order(kafka_bootstrap, kafka_config,
                 user = f"{prefix}{i % 10}"
                 producer.send(topic_names.behaviours, key=user.encode(),
                               value=encode({"user_id": user, "item_id": str(i), "behavior": "pv",
-                                            "timestamp": float(i)}))
+                                            "timestamp": 1.7e9 + i}))
         finally:
             producer.close()
 
