@@ -18,11 +18,12 @@ import torch.nn.functional as F
 
 @dataclass
 class WeightedBCE:
-    """The loss of one batch: `loss` (scalar, differentiable) and `per_position` [B, W]
-    (detached; 0 where there is no target)."""
+    """The loss of one batch: `loss` (scalar, differentiable), `per_position` [B, W] (detached;
+    0 where there is no target) and the same still in the graph, `per_position_graph`."""
 
     loss: torch.Tensor
     per_position: torch.Tensor
+    per_position_graph: torch.Tensor
 
 
 def weighted_bce(
@@ -44,4 +45,4 @@ def weighted_bce(
     mask = has_target.to(positive_logits.dtype)
     per_position = (positive_term + negative_term) * mask
     loss = per_position.sum() / mask.sum().clamp(min=1.0)
-    return WeightedBCE(loss=loss, per_position=per_position.detach())
+    return WeightedBCE(loss=loss, per_position=per_position.detach(), per_position_graph=per_position)

@@ -196,10 +196,10 @@ class Trainer:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.int64, device=self.device)
 
-    def step(self, batch: TrainingBatch) -> StepStats:
-        """One optimisation step of the weighted BCE (plus the next-behaviour loss when its
-        weight is set) on `batch`; with window negatives, on log-Q corrected logits."""
-        self.model.train()
+    def _losses(self, batch: TrainingBatch, weighted: bool = True):
+        """The forward pass of a step: (the WeightedBCE of the batch, the total loss with the
+        next-behaviour term, target behaviours [B, W], has_target [B, W]). Unweighted, every
+        positive weighs 1 (per-behaviour losses for the gradient similarity)."""
         input_items = self._tensor(batch.input_items)
         input_behaviours = self._tensor(batch.input_behaviours)
         target_items = self._tensor(batch.target_items)
@@ -212,12 +212,19 @@ class Trainer:
         if self.train_cfg.window_negatives:
             logits = logits - self._sampling_correction(input_items, candidates, self.sampler.num_items)
         has_target = self._tensor(batch.has_target).bool()
-        weights = self._alpha_vector()[target_behaviours]
+        weights = self._alpha_vector()[target_behaviours] if weighted else torch.ones_like(logits[..., 0])
         result = weighted_bce(logits[..., 0], logits[..., 1:], weights, has_target, negative_items != 0)
         loss = result.loss
         if self.train_cfg.next_behaviour_weight > 0:
             predicted = self.model.next_behaviour_logits(hidden)[has_target]
             loss = loss + self.train_cfg.next_behaviour_weight * F.cross_entropy(predicted, target_behaviours[has_target])
+        return result, loss, target_behaviours, has_target
+
+    def step(self, batch: TrainingBatch) -> StepStats:
+        """One optimisation step of the weighted BCE (plus the next-behaviour loss when its
+        weight is set) on `batch`; with window negatives, on log-Q corrected logits."""
+        self.model.train()
+        result, loss, target_behaviours, has_target = self._losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.train_cfg.grad_clip > 0:
@@ -225,6 +232,45 @@ class Trainer:
         self.optimizer.step()
         self.steps += 1
         return self._stats(result.per_position, target_behaviours, has_target, result.loss.item())
+
+    def gradient_similarity(self, items: np.ndarray, behaviours: np.ndarray) -> dict[str, float]:
+        """Cosine similarity between the gradient of each behaviour's loss and the target's
+        (Du et al. 2018, "Adapting Auxiliary Losses Using Gradient Similarity"), on one batch of
+        the left-padded sequences items/behaviours [n, N]: behaviour b's loss is the unweighted
+        BCE of the positions whose next event is b; gradients over every trainable weight. No
+        step is taken. Behaviours without a position in the batch are left out; the target's own
+        similarity is 1. Cost: one forward and one backward pass per behaviour present."""
+        corpus = SequenceCorpus.from_padded(items, behaviours)
+        eligible = np.flatnonzero(corpus.lengths >= 2)
+        if eligible.size == 0:
+            return {}
+        self._check_known(items)
+        self.grow()
+        take = self.rng.choice(eligible, size=min(self.train_cfg.batch_size, eligible.size), replace=False)
+        self.model.train()
+        result, _, target_behaviours, has_target = self._losses(self._batch(corpus, take), weighted=False)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gradients: dict[str, torch.Tensor] = {}
+        for index, name in enumerate(self.behaviours.names, start=1):
+            mask = has_target & (target_behaviours == index)
+            if not bool(mask.any()):
+                continue
+            # per_position is detached: recompute the behaviour's mean from the graph's loss.
+            loss_b = self._behaviour_loss(result, mask)
+            grads = torch.autograd.grad(loss_b, params, retain_graph=True, allow_unused=True)
+            gradients[name] = torch.cat([
+                (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)
+            ])
+        target = self.behaviours.target
+        if target not in gradients:
+            return {}
+        reference = gradients[target]
+        return {name: float(F.cosine_similarity(g, reference, dim=0).clamp(-1.0, 1.0)) for name, g in gradients.items()}
+
+    @staticmethod
+    def _behaviour_loss(result, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the positions of `mask` [B, W], differentiable."""
+        return (result.per_position_graph * mask).sum() / mask.sum().clamp(min=1)
 
     def _sampling_correction(
         self, items: torch.Tensor, candidates: torch.Tensor, num_items: int

@@ -20,6 +20,18 @@ conversion rate), clipped to [alpha_min, alpha_max] and smoothed:
 teach a model whose job is the target; a b-event is worth what it converts to the target, and the
 target itself, which converts to itself, keeps its configured weight. Waiting for post-detection
 outcomes keeps the pre-drift regime out of the estimate. The ``fixed`` policy never changes alpha.
+
+The ``gradient`` policy (after Du et al. 2018, "Adapting Auxiliary Losses Using Gradient
+Similarity"): the trainer measures, on one batch of its replay buffer, the cosine similarity
+cos_b between the gradient of behaviour b's loss (the unweighted BCE at positions whose next event
+is b) and the gradient of the target's loss, over every trainable weight. Then
+``raw = alpha_target * max(0, cos_b)``, clipped to [alpha_min, alpha_max], and
+``alpha_b += gradient_smoothing * (raw - alpha_b)``. Measured every `gradient_every_steps`
+trainer steps and as soon as a detector fires. Why: an auxiliary behaviour's loss helps the
+target exactly as far as its gradient points the same way; when a drift makes b's events stop
+agreeing with the target's (carts that no longer convert), cos_b falls and so does alpha_b.
+Cost: one forward and one backward pass per behaviour present in the batch (about
+1 + num_behaviours / 2 training steps), per measurement.
 """
 
 from __future__ import annotations
@@ -90,6 +102,10 @@ class DetectorBank:
         return self._updates[(signal, behaviour)]
 
 
+def _minus_infinity() -> float:  # a named default factory: the tracker must pickle (saved state)
+    return float("-inf")
+
+
 class ConversionTracker:
     """Resolves each non-target event (user, item, b, time) to 1 when the target on the same
     (user, item) follows within `horizon_s` of event time, else 0.
@@ -105,7 +121,7 @@ class ConversionTracker:
         self.horizon_s = horizon_s
         self.max_pending = max_pending_per_key
         self._queues: dict[int, list[list]] = defaultdict(list)  # partition -> heap of entries
-        self._now: dict[int, float] = defaultdict(lambda: float("-inf"))
+        self._now: dict[int, float] = defaultdict(_minus_infinity)
         self._open: dict[tuple[str, str], list[list]] = {}
         self._stale = 0  # released entries still listed in _open
         self._seq = 0
@@ -150,25 +166,34 @@ class ConversionTracker:
 
 @dataclass
 class AlphaChange:
-    """A re-weighting decided by the policy."""
+    """A re-weighting decided by the policy: after `detection`, or on a scheduled measurement
+    (detection None). `estimate` is what the policy measured (a conversion rate, a cosine)."""
 
     behaviour: str
     old: float
     new: float
     estimate: float
-    detection: Detection
+    detection: Detection | None
+    basis: str = "conversion"
 
 
 class AlphaPolicy(Protocol):
-    """Decides alpha_b after a detection, from post-detection conversion outcomes."""
+    """Decides alpha_b after a detection, from post-detection conversion outcomes or from the
+    trainer's gradient similarities."""
+
+    measures_gradients: bool
 
     def on_detection(self, detection: Detection) -> None: ...
 
     def on_outcome(self, behaviour: str, outcome: int, alpha: Mapping[str, float]) -> AlphaChange | None: ...
 
+    def on_similarity(self, similarity: Mapping[str, float], alpha: Mapping[str, float]) -> list[AlphaChange]: ...
+
 
 class FixedPolicy:
     """Never changes alpha (the baseline the adaptive policy is compared with)."""
+
+    measures_gradients = False
 
     def on_detection(self, detection: Detection) -> None:
         return None
@@ -176,8 +201,38 @@ class FixedPolicy:
     def on_outcome(self, behaviour: str, outcome: int, alpha: Mapping[str, float]) -> AlphaChange | None:
         return None
 
+    def on_similarity(self, similarity: Mapping[str, float], alpha: Mapping[str, float]) -> list[AlphaChange]:
+        return []
 
-class ConversionPolicy:
+
+class GradientSimilarityPolicy(FixedPolicy):
+    """alpha_b from the cosine of b's loss gradient with the target's (module docstring)."""
+
+    measures_gradients = True
+
+    def __init__(self, cfg: DriftConfig, target: str) -> None:
+        self.cfg = cfg
+        self.target = target
+        self._last_detection: Detection | None = None
+
+    def on_detection(self, detection: Detection) -> None:
+        self._last_detection = detection
+
+    def on_similarity(self, similarity: Mapping[str, float], alpha: Mapping[str, float]) -> list[AlphaChange]:
+        detection, self._last_detection = self._last_detection, None
+        changes = []
+        for behaviour, cosine in sorted(similarity.items()):
+            if behaviour == self.target or behaviour not in alpha:
+                continue
+            raw = min(max(alpha[self.target] * max(0.0, cosine), self.cfg.alpha_min), self.cfg.alpha_max)
+            old = alpha[behaviour]
+            new = old + self.cfg.gradient_smoothing * (raw - old)
+            if new != old:
+                changes.append(AlphaChange(behaviour, old, new, float(cosine), detection, "gradient"))
+        return changes
+
+
+class ConversionPolicy(FixedPolicy):
     """After a detection on b, alpha_b -> alpha_target * (b's post-detection conversion), clipped
     and smoothed (see the module docstring)."""
 
@@ -207,7 +262,11 @@ class ConversionPolicy:
 
 
 def make_policy(cfg: DriftConfig, target: str) -> AlphaPolicy:
-    return ConversionPolicy(cfg, target) if cfg.policy == "conversion" else FixedPolicy()
+    if cfg.policy == "conversion":
+        return ConversionPolicy(cfg, target)
+    if cfg.policy == "gradient":
+        return GradientSimilarityPolicy(cfg, target)
+    return FixedPolicy()
 
 
 class DriftMonitor:

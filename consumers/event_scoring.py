@@ -14,13 +14,14 @@ detectors and the scores topic that stream evaluation reads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from casm_core.sampling import NegativeSampler, SequenceCorpus
-from casm_core.scoring import Scorer
+from casm_core.scoring import Scorer, items_with_behaviours
 
 NO_RANK = -1
 
@@ -53,15 +54,25 @@ def _ranks(
     num_sampled: int,
     sampler: NegativeSampler,
     rng: np.random.Generator,
+    excluded: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full and sampled ranks of `positives` [n] given scores [n, N + 1]; sampled negatives avoid
-    the items of each event's window [n, W] and its own item."""
+    the items of each event's window [n, W] and its own item. The full rank leaves out the items
+    of `excluded` [n, M] (0: none) as the published lists do; a positive among them is a miss."""
     positive_t = torch.as_tensor(positives, device=scores.device)
-    full = _rank(scores, scores.gather(1, positive_t[:, None]).squeeze(1))
+    full_scores = scores
+    if excluded is not None:
+        full_scores = scores.clone()
+        known = np.where(excluded < scores.shape[1], excluded, 0)  # items newer than the model: not scored
+        full_scores.scatter_(1, torch.as_tensor(known, device=scores.device), float("-inf"))
+    full = _rank(full_scores, full_scores.gather(1, positive_t[:, None]).squeeze(1))
+    if excluded is not None:
+        full = torch.where(torch.isinf(full_scores.gather(1, positive_t[:, None]).squeeze(1)),
+                           torch.full_like(full, scores.shape[1]), full)
     stride = sampler.num_items + 1
     event = np.arange(positives.size)[:, None]
-    excluded = np.unique(np.concatenate([(event * stride + windows).ravel(), event[:, 0] * stride + positives]))
-    negatives = sampler.sample(rng, (positives.size, num_sampled), excluded, stride)
+    touched = np.unique(np.concatenate([(event * stride + windows).ravel(), event[:, 0] * stride + positives]))
+    negatives = sampler.sample(rng, (positives.size, num_sampled), touched, stride)
     candidates = torch.as_tensor(np.concatenate([positives[:, None], negatives], axis=1), device=scores.device)
     candidate_scores = scores.gather(1, candidates)
     return full.cpu().numpy(), _rank(candidate_scores, candidate_scores[:, 0]).cpu().numpy()
@@ -78,6 +89,7 @@ def score_events(
     num_sampled: int,
     rng: np.random.Generator,
     chunk: int,
+    exclude_behaviours: Sequence[int] = (),
 ) -> EventScores:
     """Rank batch rows `rows` test-then-train.
 
@@ -85,6 +97,8 @@ def score_events(
     batch's distinct users before the batch; user_codes [n]: each batch row's user (0..U-1);
     item_codes / behaviour_codes [n]: each batch row's item and behaviour index (0: unknown).
     Scores against every item are computed `chunk` events at a time (memory: chunk x items).
+    exclude_behaviours: behaviour indices whose window items the full rank leaves out (the
+    published lists' `serve.exclude_behaviours`), so both measure the same lists.
     """
     width = stored_items.shape[1]
     num_users = stored_items.shape[0]
@@ -113,7 +127,8 @@ def score_events(
         part = known[start : start + chunk]
         batch_rows = rows[part]
         items, behaviours = corpus.windows(user_codes[batch_rows], positions[batch_rows], width)
+        excluded = items_with_behaviours(items, behaviours, list(exclude_behaviours)) if exclude_behaviours else None
         rank_full[part], rank_sampled[part] = _ranks(
-            scorer.score_all(items, behaviours), item_codes[batch_rows], items, num_sampled, sampler, rng
+            scorer.score_all(items, behaviours), item_codes[batch_rows], items, num_sampled, sampler, rng, excluded
         )
     return EventScores(rows=rows, rank_full=rank_full, rank_sampled=rank_sampled, cold=cold, num_items=num_items)

@@ -102,6 +102,7 @@ class Publisher:
         self._jobs: deque[SignalJob] = deque()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._working = 0  # batches or jobs taken but not finished
         self.error: BaseException | None = None
         self.recommendations = 0
         self.popularity_fallbacks = 0
@@ -128,6 +129,21 @@ class Publisher:
                 self._cond.wait(0.1)
             self._jobs.append(job)
             self._cond.notify()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until every pending user is published and every queued job processed (the
+        thread's work; inline publishing is never behind). False after `timeout_s`."""
+        if self._thread is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._cond.notify_all()
+            while (self._pending or self._jobs or self._working) and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+        return True
 
     @property
     def pending(self) -> int:
@@ -183,14 +199,19 @@ class Publisher:
                     count = min(self.cfg.refresh_max_users, len(self._pending))
                     batch = [self._pending.popitem(last=False) for _ in range(count)]
                 job = self._jobs.popleft() if self._jobs and not batch else None
+                if not batch and job is None:
+                    break
+                self._working += 1
                 self._cond.notify_all()
-            if batch:
-                self._publish([u for u, _ in batch], [t for _, t in batch])
-            elif job is not None:
-                if self.signals is not None:
+            try:
+                if batch:
+                    self._publish([u for u, _ in batch], [t for _, t in batch])
+                elif self.signals is not None:
                     self.signals.process(job)
-            else:
-                break
+            finally:
+                with self._cond:
+                    self._working -= 1
+                    self._cond.notify_all()
         if time.monotonic() - self._recorded_at >= self.cfg.published_record_every_s:
             self.record_published()
 
@@ -221,7 +242,9 @@ class Publisher:
         """The popularity ranker over the store's counts (`popularity_behaviours`), recounted at
         most every `popularity_refresh_s`."""
         now = time.monotonic()
-        if self._popular is None or now - self._popular_at >= self.cfg.popularity_refresh_s:
+        # Deterministic training recounts at every refresh: lists must not depend on the clock.
+        every_s = 0.0 if self.cfg.training == "deterministic" else self.cfg.popularity_refresh_s
+        if self._popular is None or now - self._popular_at >= every_s:
             self._counts = self.store.item_popularity(self.cfg.popularity_behaviours or None)
             self._popular, self._recent = PopularItems(self._counts), None
             self._popular_at = now

@@ -12,13 +12,15 @@ The ingest loop (this thread) owns the consumer and the writes of events to the 
    it scores the users with the current model and publishes one `Recommendation` each, keyed by
    user, carrying the model version and the newest event it reflects; it ranks the batch's events
    and watches for drift.
-3. fine-tune: every N events or T seconds a sample of sequences goes to the trainer process
-   (`training_worker`), which trains its own copy with the weighted BCE and the current alpha and
-   sends back the weights; they are swapped in between two batches, registered as a version and
-   checkpointed. Ingestion never waits for training (unless `synchronous_training`).
+3. train: the trainer process (`training_worker`) gets the newest windows of the touched users
+   every `feed_every_s` / `feed_every_events`, trains within its CPU budget on a replay mix of
+   them and a reservoir of older users, and sends back model versions; each is swapped in
+   between two batches, registered (with the alpha it trained with) and checkpointed. Ingestion
+   never waits for training, except in the `deterministic` mode of evaluation runs, where a
+   round of a fixed number of steps follows every `deterministic_round_events` events.
 
 On SIGINT/SIGTERM the loop finishes the batch in hand, publishes what is pending, commits,
-collects the round in flight (each version is checkpointed) and closes. A restart finds users
+collects the trainer's last version (each version is checkpointed) and closes. A restart finds users
 whose newest event has no published list in the store and refreshes them first.
 """
 
@@ -30,7 +32,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,7 @@ from consumers.serving_model import ServingModel
 from consumers.settings import CasmSettings
 from consumers.signals import SignalWatch
 from consumers.telemetry import ServiceMetrics, TelemetryServer
-from consumers.training_worker import FineTuneJob, TrainedVersion, TrainingWorker, WorkerInit
+from consumers.trainer_link import TrainerLink
 from state.errors import InvalidEventError
 from state.store import StateStore
 from stream.clients import caught_up, lag, make_consumer, make_producer
@@ -86,6 +87,8 @@ class ServiceReport:
     events_scored: int = 0
     alpha: dict[str, float] = field(default_factory=dict)
     drift: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)  # one row per model version
+    trainer_errors: int = 0
 
 
 class Service:
@@ -101,9 +104,8 @@ class Service:
         self.metrics = ServiceMetrics(self.cfg.metrics_rate_window_s)
         self.report = ServiceReport()
         self._alpha_lock = threading.Lock()
-        # Started first: the trainer process imports torch while the store opens and the group joins.
-        self.worker = TrainingWorker(self.cfg.trainer_niceness)
         self.store: StateStore | None = None
+        self.trainer: TrainerLink | None = None
         try:
             if self.cfg.scoring_threads:
                 torch.set_num_threads(self.cfg.scoring_threads)
@@ -111,18 +113,24 @@ class Service:
             self.validator = EventValidator(
                 settings.events, None if settings.events.open_vocabulary else settings.behaviours.names
             )
-            self._events_since_training = 0
             self._events_applied_total = self.store.stats()["events_applied"]
-            self._last_training = self._last_poll = self._last_records = self._retained_at = time.monotonic()
+            self._last_poll = self._last_records = self._retained_at = time.monotonic()
+            self._held: list = []  # deterministic mode: polled records not applied yet
             self.serving = ServingModel(settings)
-            self._initialize_worker()
+            self.trainer = TrainerLink(settings, self.store, self.serving, self.metrics, self.current_alpha,
+                                       self._on_similarity)
+            version, self.alpha = self.trainer.initialize()
+            self.report.model_version = version
+            for name, value in self.alpha.items():
+                self.metrics.alpha.labels(name).set(value)
             # Every produce is tracked to its acknowledgement (stream.delivery).
             self.producer = acknowledged_producer(settings.kafka, bootstrap, make_producer)
             self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
             self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
             self._held_back: str | None = None  # why the last batch was not applied
             self.signals = (
-                SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha)
+                SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha,
+                            self.trainer.request_similarity)
                 if settings.drift.enabled else None
             )
             self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals)
@@ -135,7 +143,8 @@ class Service:
             if self.cfg.metrics_port is not None:
                 self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port)
         except BaseException:
-            self.worker.close(timeout_s=1.0)
+            if self.trainer is not None:
+                self.trainer.worker.close(timeout_s=1.0)
             if getattr(self, "producer", None) is not None:
                 self.producer.close(0)
             if self.store is not None:
@@ -143,46 +152,6 @@ class Service:
             raise
 
     # ------------------------------------------------------------------------------ start-up
-    def _initialize_worker(self) -> None:
-        """Build the trainer from the newest registered checkpoint, an offline one, or scratch."""
-        item_ids = self.store.item_ids()
-        behaviours = self.settings.behaviours.model_dump()
-        behaviours["names"] = self.store.behaviour_names()
-        checkpoint, version = None, 0
-        latest = self.store.latest_model()
-        if latest and Path(latest["checkpoint_path"]).exists():
-            checkpoint, version = latest["checkpoint_path"], int(latest["version"])
-            log.info("resuming from model version %d (%s)", version, checkpoint)
-        elif latest:
-            version = int(latest["version"])
-            log.warning("checkpoint of model version %d is missing (%s); training from scratch",
-                        version, latest["checkpoint_path"])
-        elif self.cfg.initial_checkpoint is not None:
-            checkpoint = str(self.cfg.initial_checkpoint)
-            log.info("starting from the offline checkpoint %s", checkpoint)
-        else:
-            log.info("no model yet: the model learns from the stream (popularity until the first version)")
-        history = self.store.alpha_history()
-        if history:  # the drift policy's latest alpha outlives restarts
-            behaviours["alpha"] = {**behaviours["alpha"], **history[-1]["alpha"]}
-        self.worker.initialize(WorkerInit(
-            model_config=self.settings.model.model_dump(),
-            train_config=self.settings.train.model_dump(),
-            behaviours=behaviours,
-            item_ids=item_ids,
-            device=str(self.settings.device),
-            threads=self.cfg.trainer_threads,
-            checkpoint=checkpoint,
-        ))
-        self._trainer_item_count = len(item_ids)
-        self._initial_version = version if checkpoint is not None else None
-        self._initial_behaviours = list(behaviours["names"])
-        self.alpha = dict(behaviours["alpha"])
-        self.report.model_version = version
-        self._next_version = version + 1
-        for name, value in self.alpha.items():
-            self.metrics.alpha.labels(name).set(value)
-
     def _requeue_unpublished(self) -> None:
         """Users whose newest applied event has no published recommendation yet (the process
         stopped between applying and publishing) are refreshed first."""
@@ -233,15 +202,15 @@ class Service:
             problems.append(delivery)
         if self._held_back:
             problems.append(self._held_back)
-        ok = (age < self.cfg.health_max_poll_age_s and self.worker.alive and self.publisher.error is None
-              and not problems)
+        ok = age < self.cfg.health_max_poll_age_s and self.publisher.error is None and not problems
         return ok, {
             "status": "ok" if ok else "unhealthy",
             "problems": problems,
             "delivering": delivering,
             "last_poll_age_s": round(age, 3),
-            "trainer_alive": self.worker.alive,
-            "trainer_ready": self.worker.ready,
+            "trainer_alive": self.trainer.worker.alive,
+            "trainer_ready": self.trainer.worker.ready,
+            "trainer_restarts": self.trainer.restarts,
             "publisher_ok": self.publisher.error is None,
             "model_version": self.serving.version,
             "assigned": sorted(f"{tp.topic}[{tp.partition}]" for tp in self.consumer.assignment()),
@@ -250,7 +219,7 @@ class Service:
     def idle_s(self) -> float | None:
         """Seconds since the last record arrived, once partitions are assigned and read up to
         their high watermark and nothing is left to publish; None before that."""
-        if (not self.consumer.assignment() or not caught_up(self.consumer) or self.publisher.pending
+        if (not self.consumer.assignment() or not caught_up(self.consumer) or self.publisher.pending or self._held
                 or self.offset_guard.stopped or self.producer.backlog):
             return None
         return time.monotonic() - self._last_records
@@ -262,7 +231,7 @@ class Service:
             self.telemetry.start()
         self.publisher.start()
         try:
-            if self.cfg.synchronous_training and not self._worker_ready(wait_s=self.cfg.worker_timeout_s):
+            if self.trainer.deterministic and not self.trainer.ready(wait_s=self.cfg.worker_timeout_s):
                 raise RuntimeError(f"trainer process not ready within {self.cfg.worker_timeout_s} s")
             while not self._stop.is_set():
                 self.step()
@@ -275,7 +244,7 @@ class Service:
         return self.report
 
     def step(self) -> None:
-        """One iteration: ingest a batch, swap in a trained model, start training (and, when the
+        """One iteration: ingest a batch, swap in a trained model, feed the trainer (and, when the
         publisher has no thread of its own, do its work)."""
         if self.publisher.error is not None:
             raise RuntimeError("the publisher thread failed") from self.publisher.error
@@ -286,23 +255,49 @@ class Service:
             records = {}
         self.offset_guard.check()
         self._last_poll = time.monotonic()
-        if records:
+        flat = [record for batch in records.values() for record in batch]
+        if flat:
             self._last_records = self._last_poll
-            self._ingest(records)
+        if self.trainer.deterministic:
+            flat = self._fixed_batch(flat)
+        if flat:
+            self._ingest(flat)
         if self.publisher._thread is None:
             self.publisher.work()
-        if self._worker_ready():
-            self._collect_trained()
-            self._maybe_fine_tune()
+        if self.trainer.ready():
+            self.trainer.collect()
+            if self.cfg.has_model:  # the baselines never train
+                if self.trainer.round_due():
+                    self.publisher.wait_idle(self.cfg.worker_timeout_s)  # lists of the batch before, then train
+                    self.trainer.run_round(self._events_applied_total)
+                else:
+                    self.trainer.maybe_feed(self._events_applied_total)
         self._update_lag()
+        if self.signals is not None:
+            self.signals.maybe_persist()
         if time.monotonic() - self._retained_at >= self.cfg.retain_every_s:
             self._retained_at = time.monotonic()
             if trimmed := self.store.retain():
                 log.info("retention trimmed %d applied events", trimmed)
 
-    def _ingest(self, records: dict) -> None:
+    def _fixed_batch(self, polled: list) -> list:
+        """Deterministic mode: batches of exactly `kafka.max_poll_records` records, cut where a
+        training round is due (fewer only when the partitions are read to their end), so that
+        what each batch holds does not depend on how the broker's fetches fell."""
+        self._held.extend(polled)
+        size = self.settings.kafka.max_poll_records
+        if self.cfg.has_model:
+            size = max(1, min(size, self.trainer.events_until_round()))
+        if len(self._held) < size and not (self._held and caught_up(self.consumer)):
+            return []
+        batch, self._held = self._held[:size], self._held[size:]
+        # In lockstep with the publisher: every list reflects the batch before, whatever the speed.
+        self.publisher.wait_idle(self.cfg.worker_timeout_s)
+        return batch
+
+    def _ingest(self, flat: list) -> None:
+        """Decode, dead-letter, capture the signals of, and apply one batch of records."""
         started = time.perf_counter()
-        flat = [record for batch in records.values() for record in batch]
         events, dead = decode_behaviours(flat, self.validator)
         events, conflicts = split_conflicts(events, self.store, self.store.offsets(self.topics.behaviours), flat,
                                             self.validator)
@@ -310,7 +305,9 @@ class Service:
             return  # held back: read again, nothing applied
         if conflicts:
             self.metrics.conflicting_duplicates.inc(len(conflicts))
-        offsets = {(tp.topic, tp.partition): batch[-1].offset + 1 for tp, batch in records.items() if batch}
+        offsets: dict[tuple[str, int], int] = {}
+        for record in flat:  # a partition's records are in offset order
+            offsets[(record.topic, record.partition)] = record.offset + 1
         job = None
         if self.signals is not None:
             version, scorer = self.serving.current
@@ -324,7 +321,7 @@ class Service:
         self.publisher.touch(result.touched_users, time.monotonic())
         if job is not None:
             self.publisher.submit(job)
-        self._events_since_training += result.applied
+        self.trainer.touched(result.touched_users, result.applied)
         self._events_applied_total += result.applied
         self.report.events_applied += result.applied
         self.report.duplicates += result.duplicates
@@ -356,8 +353,9 @@ class Service:
         log.warning("%s", self._held_back)
         self.metrics.dead_letter_holds.inc()
         first: dict[TopicPartition, int] = {}
-        for record in flat:
+        for record in [*flat, *self._held]:  # deterministic mode holds later records: read them again too
             first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        self._held = []
         for tp, offset in first.items():
             self.consumer.seek(tp, offset)
         return False
@@ -392,90 +390,11 @@ class Service:
         next_offsets = np.array([stored.get(int(p), 0) for p in range(int(partitions.max()) + 1)])
         return np.flatnonzero(events.column("offset").to_numpy() >= next_offsets[partitions])
 
-    # --------------------------------------------------------------------------- training
-    def _maybe_fine_tune(self) -> None:
-        if (
-            not self.cfg.has_model  # the baselines never train
-            or self.worker.busy
-            or self._events_applied_total < self.cfg.min_events_to_train
-        ):
-            return
-        due_by_count = self._events_since_training >= self.cfg.fine_tune_every_events
-        due_by_time = (
-            time.monotonic() - self._last_training >= self.cfg.fine_tune_every_s
-            and self._events_since_training >= self.cfg.min_events_to_train
-        )
-        if not (due_by_count or due_by_time):
-            return
-        sample = self.store.sample_training_sequences(
-            self.cfg.fine_tune_sample_users, seed=self._next_version, min_length=2,
-            width=self.settings.model.max_len + 1,
-        )
-        if len(sample) == 0:
-            return
-        item_ids = self.store.item_ids()
-        self.worker.submit(FineTuneJob(
-            version=self._next_version,
-            items=sample.items,
-            behaviours=sample.behaviours,
-            new_item_ids=item_ids[self._trainer_item_count :],
-            behaviour_names=self.store.behaviour_names(),
-            alpha=self.current_alpha(),
-            steps=self.cfg.fine_tune_steps,
-            checkpoint_path=str(self._checkpoint_path(self._next_version)),
-        ))
-        self._trainer_item_count = len(item_ids)
-        self._events_since_training = 0
-        self._last_training = time.monotonic()
-        log.debug("fine-tuning version %d on %d sequences", self._next_version, len(sample))
-        if self.cfg.synchronous_training:
-            self._collect_trained(wait_s=self.cfg.worker_timeout_s)
-
-    def _worker_ready(self, wait_s: float = 0.0) -> bool:
-        """Whether the trainer process is up; when it just came up from a checkpoint, its weights
-        become the serving model."""
-        if self.worker.ready:
-            return True
-        if not self.worker.poll_ready(wait_s):
-            return False
-        if self._initial_version is not None:
-            self.serving.load(self._initial_version, self.worker.initial_weights, self.worker.initial_num_items,
-                              self._initial_behaviours)
-            self.metrics.model_version.set(self._initial_version)
-            log.info("serving model version %d", self._initial_version)
-        return True
-
-    def _collect_trained(self, wait_s: float = 0.0) -> None:
-        trained = self.worker.wait(wait_s) if wait_s else self.worker.poll()
-        if trained is not None:
-            self._adopt(trained)
-
-    def _adopt(self, trained: TrainedVersion) -> None:
-        self.serving.load(trained.version, trained.weights, trained.num_items, trained.behaviour_names)
-        self._next_version = trained.version + 1
-        metrics = {"loss": trained.loss, "positions": float(trained.positions), "seconds": trained.seconds}
-        metrics.update({f"loss.{b}": v for b, v in trained.loss_by_behaviour.items()})
-        self.store.register_model(trained.version, time.time(), self.current_alpha(), metrics,
-                                  trained.checkpoint_path or "")
-        self._prune_checkpoints()
-        self.report.model_version = trained.version
-        self.report.fine_tunes += 1
-        self.metrics.model_version.set(trained.version)
-        self.metrics.fine_tunes.inc()
-        self.metrics.fine_tune_seconds.observe(trained.seconds)
-        self.metrics.train_loss.set(trained.loss)
-        for behaviour, value in trained.loss_by_behaviour.items():
-            self.metrics.train_loss_by_behaviour.labels(behaviour).set(value)
-        log.info("model version %d: loss %.4f on %d positions in %.2f s",
-                 trained.version, trained.loss, trained.positions, trained.seconds)
-
-    def _checkpoint_path(self, version: int) -> Path:
-        return self.cfg.checkpoint_dir / f"casm-v{version:06d}.pt"
-
-    def _prune_checkpoints(self) -> None:
-        """Keep the newest `keep_checkpoints` checkpoint files."""
-        for old in sorted(self.cfg.checkpoint_dir.glob("casm-v*.pt"))[: -self.cfg.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+    # ----------------------------------------------------------------------------- alpha
+    def _on_similarity(self, similarity) -> None:
+        """Gradient similarities from the trainer go to the drift policy."""
+        if self.signals is not None:
+            self.signals.on_similarity(similarity)
 
     def current_alpha(self) -> dict[str, float]:
         """A copy of the alpha the next fine-tuning round uses (any thread)."""
@@ -518,17 +437,21 @@ class Service:
                 })
             except Exception as exc:  # noqa: BLE001 - informational commit only
                 log.debug("final commit failed: %s", exc)
-            if self.worker.ready:
-                self._collect_trained(wait_s=self.cfg.worker_timeout_s)  # every version is checkpointed
+            self.trainer.close()  # its last version is adopted and checkpointed
         finally:
             self.report.offsets = {f"{t}[{p}]": o for (t, p), o in self.store.all_offsets().items()}
             self.report.alpha = self.current_alpha()
             self.report.recommendations = self.publisher.recommendations
             self.report.popularity_fallbacks = self.publisher.popularity_fallbacks
+            self.report.training = list(self.trainer.training_log)
+            self.report.fine_tunes = self.trainer.versions_adopted
+            self.report.model_version = max(self.report.model_version, self.serving.version)
+            self.report.trainer_errors = self.trainer.errors
             if self.signals is not None:
+                self.signals.persist()
                 self.report.events_scored = self.signals.events_scored
                 self.report.drift = list(self.signals.log)
-            self.worker.close(timeout_s=5.0)
+            self.trainer.worker.close(timeout_s=5.0)
             self.consumer.close()
             self.producer.close(timeout=5)
             self.store.close()

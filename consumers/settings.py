@@ -31,10 +31,6 @@ class ServeConfig(BaseModel):
         "filled with the most popular. Baselines are served through the same path, exclusions "
         "included, and have no model (no training, no test-then-train ranks)."
     )
-    synchronous_training: bool = Field(
-        False, description="Wait for each fine-tuning round before consuming on (evaluation runs that "
-        "must not depend on timing); off in production, where ingestion never waits for training."
-    )
     poll_timeout_ms: int = Field(50, ge=1, description="Longest wait of one consumer poll.")
     top_k: int = Field(10, ge=1, description="Items K per published recommendation.")
     exclude_behaviours: list[str] = Field(
@@ -54,7 +50,8 @@ class ServeConfig(BaseModel):
         300.0, gt=0, description="Apply the store's retention (store.retention_*) and forget expired event ids this often."
     )
     popularity_refresh_s: float = Field(
-        5.0, gt=0, description="Recompute the popularity counts (the fallback and the baselines') this often."
+        5.0, gt=0, description="Recompute the popularity counts (the fallback and the baselines') this often "
+        "(at every refresh in the deterministic training mode)."
     )
     publisher_queue_batches: int = Field(
         8, ge=1, description="Applied batches whose signals may wait for the publisher thread before "
@@ -64,19 +61,47 @@ class ServeConfig(BaseModel):
     refresh_max_delay_ms: int = Field(
         20, ge=0, description="Refresh touched users at the latest this long after their event was applied."
     )
-    fine_tune_every_events: int = Field(
-        5_000, ge=1, description="Start a fine-tuning round after this many newly applied events ..."
+    training: Literal["continuous", "deterministic"] = Field(
+        "continuous", description="'continuous': the trainer process trains whenever its budget "
+        "(trainer_cpu_share, trainer_max_steps_per_s) allows, on a replay mix of the newest windows "
+        "and a reservoir of older users, and publishes a version every publish_every_steps steps or "
+        "publish_every_s seconds; ingestion never waits for it. 'deterministic': every "
+        "deterministic_round_events applied events, ingestion waits while the trainer takes exactly "
+        "deterministic_steps_per_1000_events steps per 1,000 events and publishes a version, and "
+        "batches are cut at fixed event counts: two runs of one log (one partition) agree "
+        "(evaluation at full speed; budgets can be compared)."
     )
-    fine_tune_every_s: float = Field(
-        30.0, gt=0, description="... or after this many seconds with at least min_events_to_train new events."
+    min_events_to_train: int = Field(200, ge=1, description="Applied events (in total) before the trainer gets its first data.")
+    trainer_cpu_share: float = Field(
+        0.5, ge=0.0, description="Continuous mode: CPU seconds the trainer may use per wall second (a "
+        "share of one core; it rests after each step to keep to it); 0: no limit."
     )
-    min_events_to_train: int = Field(
-        200, ge=1, description="Applied events (in total) before the first round, and new ones per timed round."
+    trainer_max_steps_per_s: float = Field(
+        0.0, ge=0.0, description="Continuous mode: at most this many optimisation steps per second (0: no cap)."
     )
-    fine_tune_sample_users: int = Field(
-        2_048, ge=1, description="Users' sequences sampled from the store per round."
+    publish_every_steps: int = Field(100, ge=1, description="Continuous mode: publish a version after this many steps ...")
+    publish_every_s: float = Field(5.0, gt=0, description="... or this many seconds of training, whichever comes first.")
+    feed_every_s: float = Field(
+        0.5, gt=0, description="Send the newest windows of the users touched since the last feed to the "
+        "trainer this often (continuous mode) ..."
     )
-    fine_tune_steps: int = Field(16, ge=1, description="Optimisation steps per round (train.batch_size rows each).")
+    feed_every_events: int = Field(2_000, ge=1, description="... or after this many applied events.")
+    replay_recent_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of each training batch drawn from the newest windows "
+        "(the rest from the reservoir of older users)."
+    )
+    replay_recent_users: int = Field(2_048, ge=1, description="Newest windows the trainer holds (by user, least recently updated dropped first).")
+    replay_reservoir_users: int = Field(
+        8_192, ge=1, description="Users in the reservoir (a uniform sample of every user seen, each at "
+        "its newest window); seeded from the store when the trainer starts."
+    )
+    deterministic_round_events: int = Field(
+        1_000, ge=1, description="Deterministic mode: applied events between two training rounds (versions)."
+    )
+    deterministic_steps_per_1000_events: float = Field(
+        16.0, ge=0.0, description="Deterministic mode: optimisation steps (train.batch_size rows each) per "
+        "1,000 applied events."
+    )
     trainer_threads: int = Field(1, ge=0, description="torch threads of the trainer process (0: torch default).")
     trainer_niceness: int = Field(
         10, ge=0, le=19, description="How much nicer (lower CPU priority) the trainer process runs than the "
@@ -89,6 +114,9 @@ class ServeConfig(BaseModel):
         None, description="Offline-trained checkpoint to start from when the store has no model yet."
     )
     worker_timeout_s: float = Field(120.0, gt=0, description="Longest wait for the trainer process to answer.")
+    trainer_restart_backoff_s: float = Field(
+        10.0, gt=0, description="A dead trainer process is restarted (from the newest checkpoint) at most this often."
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics and /healthz server.")
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Its port (0: a free one; None: off).")
     metrics_rate_window_s: float = Field(10.0, gt=0, description="Window of the events/s gauge.")
@@ -150,9 +178,21 @@ class DriftConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool = Field(True, description="Score events test-then-train and watch for drift.")
-    policy: Literal["fixed", "conversion"] = Field(
+    policy: Literal["fixed", "conversion", "gradient"] = Field(
         "conversion", description="'conversion': re-weight alpha_b from b's conversion after a drift; "
-        "'fixed': never change alpha (for comparison)."
+        "'gradient': alpha_b from the cosine similarity of b's loss gradient with the target's "
+        "(clipped at 0, smoothed), measured when a detector fires and every gradient_every_steps "
+        "trainer steps; 'fixed': never change alpha (for comparison)."
+    )
+    gradient_every_steps: int = Field(
+        500, ge=1, description="Policy 'gradient': trainer steps between two scheduled similarity measurements."
+    )
+    gradient_smoothing: float = Field(
+        0.3, gt=0, le=1, description="Policy 'gradient': step of alpha_b towards each new estimate (1: jump to it)."
+    )
+    persist_every_s: float = Field(
+        30.0, gt=0, description="Save the detectors' and the policy's state to the store this often (and at "
+        "shutdown); a restart resumes from the newest save."
     )
     detector: Literal["adwin", "page_hinkley", "kswin"] = Field("adwin", description="River detector.")
     signals: list[Literal["hit", "conversion"]] = Field(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,9 @@ from state.store import StateStore
 log = logging.getLogger(__name__)
 
 SetAlpha = Callable[[dict[str, float], str], dict[str, float]]
+
+STATE_NAME = "drift_monitor"
+"""The store's `component_state` name of the detectors' and the policy's saved state."""
 
 
 @dataclass
@@ -60,6 +65,7 @@ class SignalWatch:
         metrics: ServiceMetrics,
         set_alpha: SetAlpha,
         alpha: Callable[[], dict[str, float]],
+        request_similarity: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = settings.drift
@@ -68,10 +74,57 @@ class SignalWatch:
         self.metrics = metrics
         self.set_alpha = set_alpha
         self.alpha = alpha
+        self.request_similarity = request_similarity
         self.monitor = DriftMonitor(self.cfg, settings.behaviours.target)
         self.rng = np.random.default_rng(self.cfg.seed)
         self.events_scored = 0
+        self.events_applied = 0  # as of the newest batch watched
         self.log: list[dict] = []
+        self._lock = threading.Lock()  # the monitor: publisher thread (batches), ingest thread (similarity)
+        self._persisted_at = time.monotonic()
+        self._restore()
+
+    # ------------------------------------------------------------------------ saved state
+    def state_bytes(self) -> bytes:
+        """The detectors', conversion tracker's and policy's state, and the sampling RNG."""
+        with self._lock:
+            return pickle.dumps({"monitor": self.monitor, "rng": self.rng.bit_generator.state,
+                                 "events_scored": self.events_scored, "policy": self.cfg.policy})
+
+    def persist(self) -> None:
+        """Save the state to the store (a restart resumes from it)."""
+        self.store.save_component_state(STATE_NAME, self.state_bytes(), self.events_applied, time.time())
+        self._persisted_at = time.monotonic()
+
+    def maybe_persist(self) -> None:
+        if time.monotonic() - self._persisted_at >= self.cfg.persist_every_s:
+            self.persist()
+
+    def _restore(self) -> None:
+        saved = self.store.component_state(STATE_NAME)
+        if saved is None:
+            return
+        state = pickle.loads(saved[0])  # noqa: S301 - our own store, written by persist()
+        if state.get("policy") != self.cfg.policy:
+            log.info("saved drift state is of policy %r, not %r: starting the detectors afresh",
+                     state.get("policy"), self.cfg.policy)
+            return
+        monitor: DriftMonitor = state["monitor"]
+        monitor.cfg = monitor.detectors.cfg = self.cfg  # settings of this run (thresholds may change)
+        self.monitor = monitor
+        self.rng.bit_generator.state = state["rng"]
+        self.events_scored = state["events_scored"]
+        self.events_applied = saved[1]
+        log.info("drift detectors restored as saved at %d applied events (%d detections so far)",
+                 saved[1], len(monitor.detections))
+
+    def on_similarity(self, similarity) -> None:
+        """A gradient-similarity measurement from the trainer (ingest thread): the policy may
+        re-weight alpha."""
+        with self._lock:
+            changes = self.monitor.policy.on_similarity(similarity.similarity, self.alpha())
+        for change in changes:
+            self._reweighted(change, similarity.events_applied)
 
     def prepare(self, events: pa.Table, rows: np.ndarray, scorer: Scorer | None, version: int,
                 events_applied: int) -> SignalJob:
@@ -107,12 +160,17 @@ class SignalWatch:
             scores = score_events(
                 job.scorer, job.scored_rows, job.stored_items, job.stored_behaviours, job.user_codes,
                 job.item_codes, job.behaviour_codes, self.cfg.sampled_negatives, self.rng,
-                self.cfg.score_chunk_events,
+                self.cfg.score_chunk_events, self._excluded_behaviours(),
             )
             self.events_scored += len(scores)
             if self.settings.topics.scores:
                 self._publish(job, scores)
         self._watch(job, scores)
+
+    def _excluded_behaviours(self) -> list[int]:
+        """Indices of `serve.exclude_behaviours`: the full ranks leave their items out, as the lists do."""
+        names = self.store.behaviour_names()
+        return [names.index(b) + 1 for b in self.settings.serve.exclude_behaviours if b in names]
 
     def _publish(self, job: SignalJob, scores: EventScores) -> None:
         """One message per batch (columns as JSON arrays): one per event would cost a produce each."""
@@ -145,7 +203,9 @@ class SignalWatch:
             ]
         columns = [job.events.column(c).to_pylist() for c in ("user_id", "item_id", "behavior", "timestamp", "partition")]
         observed = [tuple(column[r] for column in columns) for r in job.rows.tolist()]
-        detections, changes = self.monitor.observe(hits, observed, self.alpha())
+        with self._lock:
+            detections, changes = self.monitor.observe(hits, observed, self.alpha())
+            self.events_applied = job.events_applied + len(observed)
         for detection in detections:
             self._detected(detection, job.events_applied)
         for change in changes:
@@ -157,13 +217,17 @@ class SignalWatch:
         self.store.record_drift(time.time(), d.behaviour, d.detector, d.signal, d.value, value, value)
         self.log.append({"kind": "detection", "events_applied": events_applied, "behaviour": d.behaviour,
                          "signal": d.signal, "detector": d.detector})
+        if self.monitor.policy.measures_gradients and self.request_similarity is not None:
+            self.request_similarity()
 
     def _reweighted(self, c: AlphaChange, events_applied: int) -> None:
-        reason = (f"{self.cfg.policy} policy after {c.detection.signal} drift of {c.behaviour}: "
-                  f"post-detection conversion {c.estimate:.3f} (at {events_applied} events)")
+        trigger = f"after {c.detection.signal} drift of {c.behaviour}" if c.detection else "scheduled"
+        measured = "post-detection conversion" if c.basis == "conversion" else "gradient cosine with the target"
+        reason = f"{self.cfg.policy} policy {trigger}: {measured} {c.estimate:.3f} (at {events_applied} events)"
         self.set_alpha({c.behaviour: c.new}, reason)
-        self.store.record_drift(time.time(), c.behaviour, c.detection.detector, f"reweight:{c.detection.signal}",
+        self.store.record_drift(time.time(), c.behaviour, c.detection.detector if c.detection else c.basis,
+                                f"reweight:{c.detection.signal if c.detection else 'scheduled'}",
                                 c.estimate, c.old, c.new)
         self.log.append({"kind": "alpha", "events_applied": events_applied, "behaviour": c.behaviour,
-                         "old": c.old, "new": c.new, "estimate": c.estimate})
+                         "old": c.old, "new": c.new, "estimate": c.estimate, "basis": c.basis})
         log.info("alpha[%s] %.3f -> %.3f (%s)", c.behaviour, c.old, c.new, reason)

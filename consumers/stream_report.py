@@ -53,10 +53,36 @@ def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, w
             windows[position // window_events].append(r)
     result["by_window"] = [
         {"start": w * window_events, "end": (w + 1) * window_events,
-         **{f"sampled_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_sampled"), k).items()}}
+         **{f"sampled_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_sampled"), k).items()},
+         **{f"full_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_full"), k).items()}}
         for w, rows in sorted(windows.items())
     ]
     return result
+
+
+def training_by_window(training: list[dict[str, Any]], window_events: int) -> dict[int, dict[str, float]]:
+    """The trainer's work per window of stream positions, from the service's per-version rows
+    (steps and wall seconds behind each version, at the applied-event count of its newest
+    feed): steps per 1,000 events and steps per second of training wall time."""
+    sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for row in training:
+        window = int(row["events_applied"]) // window_events
+        sums[window][0] += row["steps"]
+        sums[window][1] += row["seconds"]
+    return {
+        w * window_events: {"steps": steps, "steps_per_1000_events": 1000 * steps / window_events,
+                            "steps_per_s": steps / seconds if seconds > 0 else float("nan")}
+        for w, (steps, seconds) in sums.items()
+    }
+
+
+def two_losses(prequential: dict[str, Any], test_then_train: dict[str, Any], k: int) -> dict[str, float]:
+    """Published HR@k against the model's own test-then-train full-ranking HR@k (same exclusions):
+    staleness = published - test-then-train (negative: the lists users got are worse than what
+    the model of that moment would have sent)."""
+    published = prequential.get(f"hr@{k}", float("nan"))
+    model = test_then_train.get("full", {}).get(f"hr@{k}", float("nan"))
+    return {"published": published, "model": model, "staleness": published - model}
 
 
 def plot_hit_rate(path: Path, prequential: dict, test_then_train: dict, k: int, drift_at: list[int]) -> None:
@@ -64,6 +90,7 @@ def plot_hit_rate(path: Path, prequential: dict, test_then_train: dict, k: int, 
     for label, windows, key in (
         (f"published top-{k} (prequential HR@{k})", prequential.get("by_window", []), f"hr@{k}"),
         (f"test-then-train sampled HR@{k}", test_then_train.get("by_window", []), f"sampled_hr@{k}"),
+        (f"test-then-train full HR@{k} (the model of each moment)", test_then_train.get("by_window", []), f"full_hr@{k}"),
     ):
         if windows:
             ax.plot([(w["start"] + w["end"]) / 2 for w in windows], [w[key] for w in windows], marker=".", label=label)
@@ -217,15 +244,34 @@ def format_report(m: dict[str, Any]) -> str:
            "the backlog's age, not the service's freshness: pace the replay with --rate or --speed "
            "to measure freshness)" if m.get("produced_first") else ""),
         "",
-        "## Per window of the stream (target events)",
+        "## Per window of the stream (target events): the model against the pipeline",
         "",
-        f"| positions | prequential HR@{k} | n | test-then-train sampled HR@{k} |",
-        "| --- | --- | --- | --- |",
+        f"The model's own quality is its test-then-train full-ranking HR@{k} (the model of that moment, "
+        "with the lists' exclusions); staleness is published minus that: what the lists lost by being "
+        "made by an older model, or before the newest events were applied. The trainer columns say "
+        "whether it kept up (steps per 1,000 events of the window, steps per second of training).",
+        "",
     ]
-    sampled_by = {w["start"]: w for w in tt.get("by_window", [])}
+    losses = two_losses(pq, tt, k)
+    if m.get("has_model", True) and tt["full"]["n"]:
+        lines += [f"Whole run: published HR@{k} {_f(losses['published'])}, model {_f(losses['model'])}, "
+                  f"staleness {_f(losses['staleness'])}.", ""]
+    lines += [
+        f"| positions | published HR@{k} | n | model (test-then-train full) HR@{k} | staleness | "
+        f"test-then-train sampled HR@{k} | trainer steps / 1k events | trainer steps/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    tt_by = {w["start"]: w for w in tt.get("by_window", [])}
+    trained = training_by_window(serve.get("training", []), m.get("window_events") or 1)
     for w in pq.get("by_window", []):
-        s = sampled_by.get(w["start"], {})
-        lines.append(f"| {w['start']:,}-{w['end']:,} | {_f(w[f'hr@{k}'])} | {w['n']:,} | {_f(s.get(f'sampled_hr@{k}'))} |")
+        t = tt_by.get(w["start"], {})
+        model_hr = t.get(f"full_hr@{k}")
+        stale = None if model_hr is None else w[f"hr@{k}"] - model_hr
+        work = trained.get(w["start"], {})
+        lines.append(
+            f"| {w['start']:,}-{w['end']:,} | {_f(w[f'hr@{k}'])} | {w['n']:,} | {_f(model_hr)} | {_f(stale)} | "
+            f"{_f(t.get(f'sampled_hr@{k}'))} | {_f(work.get('steps_per_1000_events'), 1)} | {_f(work.get('steps_per_s'), 1)} |"
+        )
     drift = serve.get("drift", [])
     lines += [
         "",
@@ -239,7 +285,8 @@ def format_report(m: dict[str, Any]) -> str:
     lines += [
         f"- at {d['events_applied']:,} events: " + (
             f"drift on `{d['signal']}` of `{d['behaviour']}` ({d['detector']})" if d["kind"] == "detection"
-            else f"alpha[{d['behaviour']}] {d['old']:.3f} -> {d['new']:.3f} (post-detection conversion {d['estimate']:.3f})"
+            else f"alpha[{d['behaviour']}] {d['old']:.3f} -> {d['new']:.3f} ("
+            f"{'gradient cosine' if d.get('basis') == 'gradient' else 'post-detection conversion'} {d['estimate']:.3f})"
         )
         for d in drift
     ] or ["- none"]

@@ -55,12 +55,22 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self.model_version = Gauge("casm_model_version", "Version of the model used for scoring", registry=r)
-        self.fine_tunes = Counter("casm_fine_tunes", "Fine-tuning rounds finished", registry=r)
+        self.fine_tunes = Counter("casm_fine_tunes", "Model versions adopted from the trainer", registry=r)
         self.fine_tune_seconds = Histogram(
-            "casm_fine_tune_seconds", "Duration of a fine-tuning round in the trainer",
+            "casm_fine_tune_seconds", "Wall seconds of training behind one model version",
             buckets=LATENCY_BUCKETS_S, registry=r,
         )
-        self.train_loss = Gauge("casm_train_loss", "Weighted BCE of the last fine-tuning round", registry=r)
+        self.trainer_steps = Counter("casm_trainer_steps", "Optimisation steps of the trainer process", registry=r)
+        self.trainer_steps_per_s = Gauge(
+            "casm_trainer_steps_per_second", "Steps per second of the trainer over its last version", registry=r
+        )
+        self.trainer_errors = Counter("casm_trainer_errors", "Failed trainer steps and trainer deaths", registry=r)
+        self.trainer_restarts = Counter("casm_trainer_restarts", "Trainer processes restarted", registry=r)
+        self.gradient_similarity_seconds = Histogram(
+            "casm_gradient_similarity_seconds", "Duration of one gradient-similarity measurement in the trainer",
+            registry=r,
+        )
+        self.train_loss = Gauge("casm_train_loss", "Weighted BCE of the newest model version's steps", registry=r)
         self.train_loss_by_behaviour = Gauge(
             "casm_train_loss_by_behaviour", "Mean loss at positions whose target has this behaviour",
             ["behaviour"], registry=r,

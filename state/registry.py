@@ -79,6 +79,23 @@ class RegistryMixin:
             ).fetchall()
         return [{"at": at, "alpha": json.loads(a), "reason": r} for at, a, r in rows]
 
+    def save_component_state(self, name: str, state: bytes, events_applied: int, at: float) -> None:
+        """Keep `state` (opaque bytes) as component `name`'s newest saved state, replacing the
+        previous one (unix s `at`, saved when `events_applied` events were applied)."""
+        with self._lock:
+            self._transaction(lambda con: con.execute(
+                "INSERT OR REPLACE INTO component_state VALUES ($1, $2, $3, $4)",
+                [str(name), float(at), int(events_applied), bytes(state)],
+            ))
+
+    def component_state(self, name: str) -> tuple[bytes, int] | None:
+        """Component `name`'s newest saved state and the applied-event count it was saved at."""
+        with self._lock:
+            rows = self.con.execute(
+                "SELECT state, events_applied FROM component_state WHERE name = $1", [str(name)]
+            ).fetchall()
+        return (bytes(rows[0][0]), int(rows[0][1])) if rows else None
+
     def record_drift(
         self,
         at: float,

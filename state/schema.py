@@ -21,6 +21,9 @@ Tables (version 1, the event state):
     counters     one row: folded_seq (events with seq <= it are in the snapshots), batch_seq.
 Tables (version 2, the registry and logs):
     models, alpha_history, drift_log, published.
+Tables (version 3):
+    component_state  opaque saved state of a named component (e.g. the drift detectors), with
+                     the applied-event count it was saved at.
 """
 
 from __future__ import annotations
@@ -158,11 +161,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        3,
+        "saved state of components (drift detectors and policy)",
+        (
+            """CREATE TABLE component_state (
+                name VARCHAR PRIMARY KEY,
+                saved_at DOUBLE NOT NULL,
+                events_applied BIGINT NOT NULL,
+                state BLOB NOT NULL
+            )""",
+        ),
+    ),
 )
 
 MIGRATIONS += (
     Migration(
-        3,
+        4,
         "offset resets: a partition re-read from its new log start (topic recreated, cluster replaced)",
         (
             """CREATE TABLE offset_resets (

@@ -187,6 +187,13 @@ class DriftSpec(_Section):
     taste_shuffle: float | None = Field(
         None, ge=0.0, le=1.0, description="Fraction of users whose tastes are drawn anew at this event."
     )
+    new_cluster_items: int | None = Field(
+        None, ge=1, description="A new item cluster of this many brand-new items appears at this event ..."
+    )
+    new_cluster_share: float = Field(
+        0.7, ge=0.0, le=1.0, description="... and takes this share of every user's taste (the rest "
+        "scaled down): a new assortment takes over."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DriftSpec:
@@ -194,8 +201,8 @@ class DriftSpec(_Section):
             raise ValueError("a drift that sets rate or conversion must name its behaviour")
         if self.conversion is not None and self.behaviour == "buy":
             raise ValueError("conversion applies to cart or fav (the probability that a buy follows)")
-        if self.rate is None and self.conversion is None and self.taste_shuffle is None:
-            raise ValueError("a drift must change something: rate, conversion or taste_shuffle")
+        if self.rate is None and self.conversion is None and self.taste_shuffle is None and self.new_cluster_items is None:
+            raise ValueError("a drift must change something: rate, conversion, taste_shuffle or new_cluster_items")
         return self
 
 
@@ -232,6 +239,10 @@ class SyntheticConfig(_Section):
     direct_buy_rate: float = Field(
         0.005, ge=0.0, le=1.0, description="P(buy | view) without a cart or fav first."
     )
+    related_buy_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="P(buy of another item of the viewed item's cluster | view), "
+        "by popularity: buys the user's window does not hold."
+    )
     cart_conversion: float = Field(
         0.5, ge=0.0, le=1.0, description="P(buy of the item within horizon_s | cart of it)."
     )
@@ -262,7 +273,7 @@ class SyntheticConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticConfig:
-        total = self.cart_rate + self.fav_rate + self.direct_buy_rate
+        total = self.cart_rate + self.fav_rate + self.direct_buy_rate + self.related_buy_rate
         if total > 1.0:
-            raise ValueError(f"cart_rate + fav_rate + direct_buy_rate = {total} exceeds 1")
+            raise ValueError(f"cart_rate + fav_rate + direct_buy_rate + related_buy_rate = {total} exceeds 1")
         return self

@@ -18,12 +18,16 @@ The model (every number is a field of `SyntheticConfig`; `seed` fixes every draw
   (mean `follow_up_delay_s`). A cart is followed by a ``buy`` of the same item with probability
   `cart_conversion`, a fav with `fav_conversion`, after an exponential delay (mean `buy_delay_s`).
   Every delay is clipped to `horizon_s`, so "converts within the horizon" has exactly these
-  probabilities.
+  probabilities. With probability `related_buy_rate` a view leads instead to a buy of another
+  item of the viewed item's cluster (by popularity): a buy the window does not hold, predictable
+  only from what the views teach about items.
 - **Drift**: `drifts` change rates, conversions or tastes from a global event index on; e.g.
   ``{"at_event": 50000, "behaviour": "cart", "conversion": 0.0}`` makes every cart written at index
   >= 50000 never convert (the measured cart -> buy rate within the horizon drops from
   `cart_conversion` to about 0; `measured_conversion` measures it). Conversions are decided when the
   cart/fav is written, rates when the view is, tastes change at the drift's event.
+  ``{"at_event": 50000, "new_cluster_items": 200}`` adds a cluster of 200 brand-new items that
+  takes `new_cluster_share` of every user's taste: a new assortment takes over.
 
 Events come out in time order (non-decreasing timestamps) with the log columns (`EVENT_SCHEMA`).
 `SyntheticTruth` holds the ground truth: tastes (and their changes), item clusters, popularity and
@@ -54,9 +58,9 @@ BEHAVIOURS: tuple[str, ...] = ("pv", "cart", "fav", "buy")
 """Behaviour names of the synthetic stream (the default Taobao-like vocabulary)."""
 PV, CART, FAV, BUY = range(4)
 
-CAUSES: tuple[str, ...] = ("view", "cart", "fav", "buy_after_cart", "buy_after_fav", "direct_buy")
+CAUSES: tuple[str, ...] = ("view", "cart", "fav", "buy_after_cart", "buy_after_fav", "direct_buy", "related_buy")
 """Why each event happened (`SyntheticTruth.cause` holds indices into this)."""
-C_VIEW, C_CART, C_FAV, C_BUY_CART, C_BUY_FAV, C_DIRECT = range(6)
+C_VIEW, C_CART, C_FAV, C_BUY_CART, C_BUY_FAV, C_DIRECT, C_RELATED = range(7)
 
 USER_PREFIX = "syn-u"
 ITEM_PREFIX = "syn-i"
@@ -92,6 +96,8 @@ class SyntheticTruth:
         taste = self.user_taste.copy()
         for at, users, new in self.taste_changes:
             if at <= event_index:
+                if new.shape[1] > taste.shape[1]:  # a new cluster appeared
+                    taste = np.pad(taste, ((0, 0), (0, new.shape[1] - taste.shape[1])))
                 taste[users] = new
         return taste
 
@@ -217,6 +223,27 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
     taste_changes: list[tuple[int, np.ndarray, np.ndarray]] = []
     code = {"cart": CART, "fav": FAV, "buy": BUY}
 
+    def new_cluster(drift: DriftSpec, index: int) -> None:
+        """A cluster of fresh items that takes `new_cluster_share` of every user's taste."""
+        nonlocal taste, n_clusters
+        cluster = n_clusters
+        n_clusters += 1
+        cluster_items.append([])
+        cluster_cum.append([])
+        for _ in range(int(drift.new_cluster_items)):
+            item = len(item_cluster)
+            weight = float(rng.lognormal(0.0, cfg.item_popularity_sigma))
+            item_cluster.append(cluster)
+            popularity.append(weight)
+            birth.append(index)
+            cluster_items[cluster].append(item)
+            previous = cluster_cum[cluster][-1] if cluster_cum[cluster] else 0.0
+            cluster_cum[cluster].append(previous + weight)
+        share = drift.new_cluster_share
+        taste = np.concatenate([taste * (1.0 - share), np.full((n_users, 1), share)], axis=1)
+        taste_cum[:] = np.cumsum(taste, axis=1).tolist()
+        taste_changes.append((index, np.arange(n_users), taste.copy()))
+
     def apply(drift: DriftSpec, index: int) -> None:
         if drift.behaviour is not None and drift.rate is not None:
             rates[code[drift.behaviour]] = drift.rate
@@ -224,6 +251,8 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
                 raise ValueError(f"drift at event {index} makes cart+fav+buy rates exceed 1: {rates}")
         if drift.behaviour is not None and drift.conversion is not None:
             conversion[code[drift.behaviour]] = drift.conversion
+        if drift.new_cluster_items:
+            new_cluster(drift, index)
         if drift.taste_shuffle:
             count = int(round(drift.taste_shuffle * n_users))
             users = np.sort(rng.choice(n_users, size=count, replace=False))
@@ -276,17 +305,24 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
                 position = min(bisect.bisect_right(cum, uniform() * cum[-1]), len(cum) - 1)
                 item = cluster_items[cluster][position]
             draw = uniform()
-            follow_up = -1
+            follow_up, follow_item = -1, item
             if draw < rates[CART]:
                 follow_up, follow_cause = CART, C_CART
             elif draw < rates[CART] + rates[FAV]:
                 follow_up, follow_cause = FAV, C_FAV
             elif draw < rates[CART] + rates[FAV] + rates[BUY]:
                 follow_up, follow_cause = BUY, C_DIRECT
+            elif draw < rates[CART] + rates[FAV] + rates[BUY] + cfg.related_buy_rate:
+                # A buy of another item of the viewed item's cluster (compared, then bought).
+                follow_up, follow_cause = BUY, C_RELATED
+                own = item_cluster[item]
+                cum = cluster_cum[own]
+                position = min(bisect.bisect_right(cum, uniform() * cum[-1]), len(cum) - 1)
+                follow_item = cluster_items[own][position]
             if follow_up >= 0:
                 delay = _exp_delay(uniform(), cfg.follow_up_delay_s, horizon)
                 sequence += 1
-                heapq.heappush(pending, (when + delay, sequence, follow_up, follow_cause, user, item, index))
+                heapq.heappush(pending, (when + delay, sequence, follow_up, follow_cause, user, follow_item, index))
             next_view = when + _exp_delay(uniform(), cfg.mean_gap_s, math.inf)
         out_user.append(user)
         out_item.append(item)

@@ -15,7 +15,7 @@ from typing import get_args
 from consumers.live import free_port, run_live
 from consumers.prequential import ranking_metrics
 from consumers.settings import CasmSettings, ServeConfig
-from consumers.stream_report import test_then_train_metrics, write_report
+from consumers.stream_report import test_then_train_metrics, two_losses, write_report
 from stream.broker import kafka_cluster
 from stream.logs import LOG_FORMATS, read_log
 from stream.replay import parse_pacing
@@ -28,7 +28,7 @@ HELP = "Replay a log through broker + casm serve and score the published recomme
 log = logging.getLogger(__name__)
 
 FORMAT_PRESETS = {"movielens": "movielens", "taobao": "taobao", "retailrocket": "retailrocket"}
-POLICIES = {"fixed": "fixed", "adaptive": "conversion"}
+POLICIES = {"fixed": "fixed", "adaptive": "conversion", "conversion": "conversion", "gradient": "gradient"}
 RECOMMENDERS = get_args(ServeConfig.model_fields["recommender"].annotation)
 
 
@@ -42,16 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace.add_argument("--rate", default=None, help="events per second, e.g. 2000/s")
     pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
     parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
-                        help="alpha policy: fixed, or adaptive (drift re-weighting) [drift.policy]")
+                        help="alpha policy: fixed, conversion (alias adaptive) or gradient [drift.policy]")
     parser.add_argument("--recommender", choices=RECOMMENDERS, default=None,
                         help="what serves: CASM, or a baseline through the same path (popularity: the most "
                         "popular items; recent: the user's recently seen items first) [serve.recommender]")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N events")
     parser.add_argument("--partitions", type=int, default=None,
                         help="partitions of the topics this run creates [1 at --max, else topics.partitions]")
-    parser.add_argument("--training", choices=["sync", "async"], default=None,
-                        help="sync: consumption waits for each fine-tuning round, so results do not depend on "
-                        "machine speed [sync at --max, else serve.synchronous_training]")
+    parser.add_argument("--training", choices=["deterministic", "continuous"], default=None,
+                        help="deterministic: a fixed number of steps per 1,000 events, consumption waiting for "
+                        "each round, so two runs agree and results do not depend on machine speed "
+                        "[deterministic at --max, else serve.training]")
     parser.add_argument("--clock", choices=["wall", "event_order"], default=None,
                         help="when a list counts as sent before an event [event_order at --max, else live.clock]")
     parser.add_argument("--report-dir", type=Path, default=None, help="report folder [live.runs_dir/...]")
@@ -85,9 +86,9 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
     elif fastest:
         settings.live.clock = "event_order"  # wall-clock order is meaningless at full speed
     if args.training:
-        settings.serve.synchronous_training = args.training == "sync"
+        settings.serve.training = args.training
     elif fastest:
-        settings.serve.synchronous_training = True
+        settings.serve.training = "deterministic"
     if fastest:
         # Lists are refreshed once per poll: at full speed the poll size is the granularity of what
         # the evaluation can credit (a paced stream has small polls by itself).
@@ -144,6 +145,8 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "drained": result.drained,
         "initial_alpha": initial_alpha,
         "scheduled_drifts": scheduled_drifts,
+        "window_events": settings.live.window_events,
+        "training_mode": settings.serve.training,
         "prequential": result.prequential,
         "cold_users": {
             "threshold": threshold,
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "monitor": result.monitor,
         "timeline": result.timeline,
     }
+    metrics["two_losses"] = two_losses(metrics["prequential"], metrics["test_then_train"], k)
     report = write_report(run_dir, metrics, scorer.freshness_ms)
     pq, tt = metrics["prequential"], metrics["test_then_train"]
     print(
@@ -167,6 +171,8 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         f"NDCG@{k} {pq[f'ndcg@{k}']:.4f} MRR {pq['mrr']:.4f} over {pq['scored']:,} events ({pq['cold']:,} cold)\n"
         f"  test-then-train, 1 + {tt['num_sampled']} sampled: HR@{k} {tt['sampled'][f'hr@{k}']:.4f} "
         f"NDCG@{k} {tt['sampled'][f'ndcg@{k}']:.4f} over {tt['sampled']['n']:,} events\n"
+        f"  test-then-train full HR@{k} {tt['full'][f'hr@{k}']:.4f}: staleness (published - model) "
+        f"{metrics['two_losses']['staleness']:+.4f}\n"
         f"  freshness p50 {pq.get('freshness_p50_ms', float('nan')):.0f} ms, p99 {pq.get('freshness_p99_ms', float('nan')):.0f} ms\n"
         f"  report: {report}"
     )

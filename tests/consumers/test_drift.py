@@ -13,6 +13,7 @@ from consumers.drift import (
     DetectorBank,
     DriftMonitor,
     FixedPolicy,
+    GradientSimilarityPolicy,
 )
 from consumers.settings import DriftConfig
 
@@ -106,6 +107,22 @@ def test_conversion_policy_sets_alpha_from_post_detection_outcomes() -> None:
         smoothed.on_outcome("cart", o, alpha)
     assert smoothed.on_outcome("cart", 0, alpha).new == pytest.approx(0.8 + 0.5 * (0.1 - 0.8))
     assert FixedPolicy().on_outcome("cart", 1, alpha) is None
+
+
+def test_gradient_policy_sets_alpha_from_the_clipped_cosine_smoothed() -> None:
+    cfg = DriftConfig(policy="gradient", gradient_smoothing=0.5, alpha_min=0.05, alpha_max=2.0)
+    policy = GradientSimilarityPolicy(cfg, target="buy")
+    alpha = {"pv": 0.2, "cart": 0.8, "fav": 0.1, "buy": 1.5}
+    changes = {c.behaviour: c for c in policy.on_similarity({"pv": 0.4, "cart": -0.3, "buy": 1.0}, alpha)}
+    assert set(changes) == {"pv", "cart"}  # the target keeps its weight; fav was not measured
+    assert changes["pv"].new == pytest.approx(0.2 + 0.5 * (1.5 * 0.4 - 0.2))
+    assert changes["cart"].new == pytest.approx(0.8 + 0.5 * (0.05 - 0.8))  # negative: clipped at 0, then alpha_min
+    assert changes["pv"].detection is None and changes["pv"].basis == "gradient"
+    detection = Detection("conversion", "cart", "adwin", 10, 0.0)
+    policy.on_detection(detection)
+    assert policy.on_similarity({"cart": 0.9}, alpha)[0].detection is detection  # the measurement it asked for
+    assert policy.measures_gradients and not ConversionPolicy(cfg, "buy").measures_gradients
+    assert FixedPolicy().on_similarity({"pv": 0.9}, alpha) == []
 
 
 def test_partitions_keep_their_own_clock() -> None:

@@ -32,9 +32,9 @@ def service_settings(tmp_path: Path, kafka_config, topic_names, **serve) -> Casm
         serve={
             "checkpoint_dir": tmp_path / "checkpoints",
             "metrics_port": None,
-            "fine_tune_every_events": 10**9,
+            "training": "deterministic",
+            "deterministic_round_events": 10**9,  # rounds only when a test asks for one
             "min_events_to_train": 1,
-            "fine_tune_steps": 25,
             "refresh_max_delay_ms": 0,
             "top_k": 5,
             **serve,
@@ -80,16 +80,9 @@ def run_until(service: Service, condition, timeout_s: float = 60.0) -> None:
         service.step()
 
 
-def fine_tune(service: Service) -> None:
-    """One fine-tuning round now, waited for."""
-    every = service.cfg.fine_tune_every_events
-    service.cfg.fine_tune_every_events = 1
-    service._events_since_training = 1
-    try:
-        service._maybe_fine_tune()
-        service._collect_trained(wait_s=60)
-    finally:
-        service.cfg.fine_tune_every_events = every
+def fine_tune(service: Service, steps: int = 25) -> None:
+    """One training round of `steps` steps now, waited for (deterministic mode)."""
+    service.trainer.run_round(service.report.events_applied, steps=steps)
 
 
 def cluster_rank_gap(scorer: Scorer, service: Service, user: str, cluster_a: range, cluster_b: range) -> float:
@@ -119,7 +112,7 @@ def test_serve_publishes_fresh_recommendations_and_learns_clusters(
     try:
         run_until(service, lambda: service.report.events_applied == len(events) + len(probe) and service.publisher.pending == 0)
         assert service.publisher.popularity_fallbacks == service.publisher.recommendations  # no model yet
-        assert service._worker_ready(wait_s=60)
+        assert service.trainer.ready(wait_s=60)
         torch.manual_seed(0)
         untrained = Scorer(
             CASM(settings.model, service.store.num_items(), len(service.store.behaviour_names())),
@@ -172,15 +165,15 @@ def service_store(settings: CasmSettings):
 def test_a_new_item_is_recommendable_after_the_next_fine_tune(
     kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
-    settings = service_settings(tmp_path, kafka_config, topic_names, fine_tune_steps=30)
+    settings = service_settings(tmp_path, kafka_config, topic_names)
     ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
     cluster = range(0, 12)
     produce(kafka_bootstrap, settings, cluster_events(30, cluster, "a", 5, 1.7e9))
     service = Service(settings, kafka_bootstrap)
     try:
         run_until(service, lambda: service.report.events_applied == 240 and service.publisher.pending == 0)
-        assert service._worker_ready(wait_s=60)
-        fine_tune(service)
+        assert service.trainer.ready(wait_s=60)
+        fine_tune(service, steps=30)
         assert service.serving.version == 1
 
         # "fresh" appears: the cluster's users view it again and again.
@@ -194,7 +187,7 @@ def test_a_new_item_is_recommendable_after_the_next_fine_tune(
         assert index > service.serving.num_items  # not a candidate of the serving model yet
 
         for _ in range(3):
-            fine_tune(service)
+            fine_tune(service, steps=30)
         assert service.serving.num_items >= index
         seqs = service.store.sequences(["a0"], width=10)
         scores, best = service.serving.scorer.top_k(seqs.items, seqs.behaviours, k=5)
@@ -241,7 +234,7 @@ def test_the_recent_baseline_is_served_through_the_same_path_without_training(
     kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
     settings = service_settings(tmp_path, kafka_config, topic_names, recommender="recent",
-                                fine_tune_every_events=1, exclude_behaviours=["cart"])
+                                deterministic_round_events=1, exclude_behaviours=["cart"])
     ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
     events = [
         {"user_id": f"u{u}", "item_id": f"item{u + s}", "behavior": "cart" if s == 1 else "pv", "timestamp": 1.7e9 + 10 * u + s}
@@ -251,9 +244,9 @@ def test_the_recent_baseline_is_served_through_the_same_path_without_training(
     service = Service(settings, kafka_bootstrap)
     try:
         run_until(service, lambda: service.report.events_applied == len(events) and service.publisher.pending == 0)
-        assert service._worker_ready(wait_s=60)
+        assert service.trainer.ready(wait_s=60)
         service.step()  # a round is due after every event, were this the model
-        assert not service.worker.busy and service.report.fine_tunes == 0
+        assert service.trainer.versions_adopted == 0
     finally:
         service.stop()
         service.run(until=lambda s: True)
@@ -265,3 +258,49 @@ def test_the_recent_baseline_is_served_through_the_same_path_without_training(
     assert last["u0"]["source"] == "recent" and last["u0"]["model_version"] == "0"
     # The window newest first without the cart item (item1), then the most popular left (item4).
     assert items == ["item3", "item2", "item0", "item4", "item5"]
+
+
+def test_drift_detector_state_is_the_same_after_a_sigterm_restart(
+    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+) -> None:
+    import os
+    import pickle
+    import signal as signals
+
+    settings = service_settings(tmp_path, kafka_config, topic_names)
+    settings.drift.horizon_s = 5.0  # conversion outcomes resolve within this small log
+    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
+    events = cluster_events(20, range(0, 12), "a", 7, 1.7e9)
+    produce(kafka_bootstrap, settings, events)
+    service = Service(settings, kafka_bootstrap)
+    service.install_signal_handlers()
+    try:
+        run_until(service, lambda: service.report.events_applied == len(events) and service.publisher.pending == 0)
+        assert service.trainer.ready(wait_s=60)
+        fine_tune(service)  # a model, so that hits are scored too
+        more = cluster_events(20, range(0, 12), "a", 8, 1.7e9 + 1e3)
+        produce(kafka_bootstrap, settings, more)
+        run_until(service, lambda: service.report.events_applied == len(events) + len(more)
+                  and service.publisher.pending == 0)
+        os.kill(os.getpid(), signals.SIGTERM)  # the handler asks the loop to stop
+        service.run()
+    finally:
+        signals.signal(signals.SIGTERM, signals.SIG_DFL)
+        signals.signal(signals.SIGINT, signals.default_int_handler)
+    before = service.signals.monitor
+    assert service.stopped_by == "SIGTERM"
+    assert before.detectors._updates and before.conversion._seq > 0  # it had seen something
+
+    restarted = Service(settings, kafka_bootstrap)
+    try:
+        after = restarted.signals.monitor
+        assert after is not before
+        assert pickle.dumps(after.detectors._detectors) == pickle.dumps(before.detectors._detectors)
+        assert dict(after.detectors._updates) == dict(before.detectors._updates)
+        assert after.conversion.pending == before.conversion.pending
+        assert after.conversion._seq == before.conversion._seq
+        assert len(after.detections) == len(before.detections)
+        assert restarted.signals.events_scored == service.signals.events_scored
+    finally:
+        restarted.stop()
+        restarted.run(until=lambda s: True)

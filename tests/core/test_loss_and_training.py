@@ -227,3 +227,20 @@ def test_sampling_correction_puts_window_items_on_the_uniform_negatives_scale() 
     assert correction[0, 2, 0].item() == pytest.approx(math.log(1 / 2 * 20))  # positive 3 seen once of 2
     assert correction[0, 1, 0].item() == 0.0  # positive 5 is not in the window yet
     assert (correction[..., 1] == 0).all()  # sampled negatives are never window items
+
+
+def test_gradient_similarity_is_a_cosine_per_behaviour_and_takes_no_step() -> None:
+    cfg = ModelConfig(hidden_dim=16, context_dim=8, ffn_dim=16, max_len=8, dropout=0.0)
+    trainer = Trainer(cfg, TrainConfig(batch_size=32, seed=0), BEHAVIOURS, item_ids=[f"i{k}" for k in range(30)])
+    rng = np.random.default_rng(0)
+    items = rng.integers(1, 31, (40, 9))
+    behaviours = rng.choice([1, 2, 3], size=(40, 9), p=[0.6, 0.2, 0.2])
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    similarity = trainer.gradient_similarity(items, behaviours)
+    assert set(similarity) == {"pv", "cart", "buy"}
+    assert similarity["buy"] == pytest.approx(1.0, abs=1e-5)
+    assert all(-1.0 <= v <= 1.0 for v in similarity.values())
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    no_cart = np.where(behaviours == 2, 1, behaviours)
+    assert "cart" not in trainer.gradient_similarity(items, no_cart)
+    assert trainer.gradient_similarity(items, np.where(behaviours == 3, 1, behaviours)) == {}  # no target
