@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from consumers.cli_options import add_settings_options, settings_overrides
 from consumers.presets import available_presets, load_settings
 from consumers.settings import CasmSettings
+from consumers.startup import EXIT_STARTUP, explain, invalid_settings
 
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
@@ -81,14 +82,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if preset is None and hasattr(args._module, "default_preset"):
             preset = args._module.default_preset(args)
         settings = load_settings(preset, **settings_overrides(args, CasmSettings))
-    except (ValidationError, FileNotFoundError) as exc:
-        parser.exit(2, f"casm: invalid settings:\n{exc}\n")
+    except ValidationError as exc:
+        parser.exit(2, f"casm: {invalid_settings(exc)}\n")
+    except FileNotFoundError as exc:
+        parser.exit(2, f"casm: invalid settings: {exc}\n")
     configure_logging(settings.log_level)
     try:
         return int(args._module.run(args, settings) or 0)
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
+    except Exception as exc:
+        line = explain(exc, settings)
+        if line is None:
+            raise
+        log.debug("start-up failure", exc_info=True)
+        print(f"casm {args.command}: {line}", file=sys.stderr)
+        return EXIT_STARTUP
 
 
 if __name__ == "__main__":

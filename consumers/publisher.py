@@ -19,9 +19,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from kafka import KafkaProducer
 
 from casm_core.baselines import RecentItems
 from casm_core.scoring import Scorer
@@ -31,6 +31,7 @@ from consumers.settings import CasmSettings
 from consumers.signals import SignalJob, SignalWatch
 from consumers.telemetry import ServiceMetrics
 from state.store import StateStore
+from stream.delivery import AcknowledgedProducer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,20 @@ def recommendation_json(
     }, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A list handed to the producer, to be counted and recorded once acknowledged."""
+
+    user: str
+    items: list[str]
+    version: int
+    at: float  # wall-clock time it was generated (unix s)
+    offset: int  # offset of the newest event it reflects
+    source: str
+    pending_since: float  # monotonic time the user became pending
+    produced_ms: int  # Kafka timestamp of that event (ms), -1 if unknown
+
+
 class Publisher:
     """Pending users and signal jobs in, recommendations and scores out (thread-safe)."""
 
@@ -70,7 +85,7 @@ class Publisher:
         self,
         settings: CasmSettings,
         store: StateStore,
-        producer: KafkaProducer,
+        producer: AcknowledgedProducer,
         serving: ServingModel,
         metrics: ServiceMetrics,
         signals: SignalWatch | None,
@@ -159,6 +174,13 @@ class Publisher:
                     if self._closing and not self._jobs and not self._pending:
                         return
                 self.work(force=self._closing)
+                if self._pending and not self.delivering():
+                    if self._closing:
+                        log.warning("closing with %d users unpublished: outputs cannot be delivered "
+                                    "(they are refreshed at the next start)", len(self._pending))
+                        return
+                    with self._cond:  # wait for the producer's retries to find the broker again
+                        self._cond.wait(self.settings.kafka.delivery_backoff_ms / 1000.0)
         except BaseException as exc:  # noqa: BLE001 - reported to the ingest thread, which stops
             log.exception("publisher failed")
             self.error = exc
@@ -170,9 +192,10 @@ class Publisher:
         until neither is left. Refreshing comes first: it is what freshness is measured on, while
         signals only feed the drift detectors and the evaluation."""
         while True:
+            delivering = self.delivering()
             with self._cond:
                 batch = []
-                if self._pending and (force or self._users_due_in() <= 0):
+                if self._pending and delivering and (force or self._users_due_in() <= 0):
                     count = min(self.cfg.refresh_max_users, len(self._pending))
                     batch = [self._pending.popitem(last=False) for _ in range(count)]
                 job = self._jobs.popleft() if self._jobs and not batch else None
@@ -203,6 +226,9 @@ class Publisher:
                 log.error("publisher did not finish within %s s", timeout_s)
         if self._thread is None or (self.error is None and not self._thread.is_alive()):
             self.work(force=True)
+        flush = getattr(self.producer, "flush", None)
+        if flush is not None:
+            flush(timeout=self.settings.kafka.request_timeout_ms / 1000.0)  # acknowledgements in
         self.record_published()
 
     # ---------------------------------------------------------------------- publishing
@@ -271,7 +297,7 @@ class Publisher:
         sequences = self.store.sequences(users, width=self.settings.model.max_len)
         lists = self._lists(sequences, scorer)
         ids = self._item_vocabulary()
-        now_wall, now = time.time(), time.monotonic()
+        now_wall = time.time()
         send, topic = self.producer.send, self.settings.topics.recommendations
         for row, user in enumerate(users):
             (best, best_scores), source = lists[row]
@@ -279,6 +305,8 @@ class Publisher:
             scores = best_scores.tolist()
             known = bool(sequences.lengths[row] > 0)
             produced_ms = int(sequences.last_produced_ms[row])
+            sent = _Sent(user, items, version, now_wall, int(sequences.last_offset[row]), source,
+                         pending_since[row], produced_ms)
             send(topic, key=user.encode(), value=recommendation_json(
                 user, items, scores, str(version), now_wall,
                 event_time=float(sequences.last_timestamp[row]) if known else None,
@@ -286,25 +314,48 @@ class Publisher:
                 event_offset=int(sequences.last_offset[row]) if known else None,
                 event_produced_ms=produced_ms if produced_ms >= 0 else None,
                 source=source,
-            ))
-            self.metrics.published.labels(source).inc()
-            self.metrics.refresh_latency.observe(now - pending_since[row])
-            if produced_ms >= 0:
-                self.metrics.freshness.observe(max(0.0, now_wall - produced_ms / 1000.0))
-            self.popularity_fallbacks += source == "popularity"
-            self._unrecorded[user] = (items, version, now_wall, int(sequences.last_offset[row]))
-        self.recommendations += len(users)
+            ), on_ack=lambda _meta, sent=sent: self._acknowledged(sent),
+                on_fail=lambda exc, sent=sent: self._undelivered(sent, exc))
+
+    def _acknowledged(self, sent: _Sent) -> None:
+        """The broker has `sent` (producer I/O thread): count it and remember it for the store."""
+        self.metrics.published.labels(sent.source).inc()
+        self.metrics.refresh_latency.observe(time.monotonic() - sent.pending_since)
+        if sent.produced_ms >= 0:
+            self.metrics.freshness.observe(max(0.0, time.time() - sent.produced_ms / 1000.0))
+        with self._cond:
+            self.recommendations += 1
+            self.popularity_fallbacks += sent.source == "popularity"
+            known = self._unrecorded.get(sent.user)
+            if known is None or known[2] <= sent.at:  # an older list acknowledged late stays older
+                self._unrecorded[sent.user] = (sent.items, sent.version, sent.at, sent.offset)
+
+    def _undelivered(self, sent: _Sent, exc: BaseException) -> None:
+        """`sent` was given up by the producer: the user is pending again (a fresh list is sent
+        once outputs can be delivered); the store never marks it published."""
+        self.metrics.publish_failed.inc()
+        self.touch([sent.user], sent.pending_since)
+
+    def delivering(self) -> bool:
+        """Whether new lists should be sent now: the producer delivers, or has nothing in flight
+        (then a send is the probe that finds out whether the broker is back)."""
+        health = getattr(self.producer, "health", None)
+        if health is None:
+            return True
+        return health()[0] or self.producer.backlog == 0
 
     def record_published(self) -> None:
-        """Remember each user's last published list in the store (one write per
-        `published_record_every_s`; Kafka holds every list anyway)."""
+        """Remember each user's last acknowledged list in the store (one write per
+        `published_record_every_s`; Kafka holds every list anyway). A list the broker never
+        acknowledged is never recorded, so the start-up healing sends it again."""
+        with self._cond:
+            unrecorded, self._unrecorded = self._unrecorded, {}
         by_version: dict[int, list[tuple[str, list[str], float, int]]] = {}
-        for user, (items, version, at, offset) in self._unrecorded.items():
+        for user, (items, version, at, offset) in unrecorded.items():
             by_version.setdefault(version, []).append((user, items, at, offset))
         for version, rows in by_version.items():
             self.store.record_published(
                 [r[0] for r in rows], version, [r[1] for r in rows],
                 published_at=max(r[2] for r in rows), event_offsets=[r[3] for r in rows],
             )
-        self._unrecorded.clear()
         self._recorded_at = time.monotonic()

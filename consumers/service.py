@@ -36,8 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from kafka.errors import OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from consumers.duplicates import split_conflicts
+from consumers.offset_guard import OffsetGuard
 from consumers.publisher import Publisher
 from consumers.serving_model import ServingModel
 from consumers.settings import CasmSettings
@@ -49,6 +52,7 @@ from state.store import StateStore
 from stream.clients import caught_up, lag, make_consumer, make_producer
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator, decode_behaviours
+from stream.delivery import acknowledged_producer, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +123,11 @@ class Service:
             self.report.model_version = version
             for name, value in self.alpha.items():
                 self.metrics.alpha.labels(name).set(value)
-            self.producer = make_producer(settings.kafka, bootstrap)
+            # Every produce is tracked to its acknowledgement (stream.delivery).
+            self.producer = acknowledged_producer(settings.kafka, bootstrap, make_producer)
+            self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
             self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
+            self._held_back: str | None = None  # why the last batch was not applied
             self.signals = (
                 SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha,
                             self.trainer.request_similarity)
@@ -128,13 +135,18 @@ class Service:
             )
             self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals)
             self._requeue_unpublished()
-            self.consumer = make_consumer(settings.kafka, bootstrap, [self.topics.behaviours], on_assign=self._on_assign)
+            # auto_offset_reset='none': the client never resets an out-of-range offset by itself.
+            self.consumer = make_consumer(settings.kafka, bootstrap, [self.topics.behaviours],
+                                          on_assign=self._on_assign, auto_offset_reset="none")
+            self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
             self.telemetry: TelemetryServer | None = None
             if self.cfg.metrics_port is not None:
                 self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port)
         except BaseException:
             if self.trainer is not None:
                 self.trainer.worker.close(timeout_s=1.0)
+            if getattr(self, "producer", None) is not None:
+                self.producer.close(0)
             if self.store is not None:
                 self.store.close()
             raise
@@ -152,7 +164,9 @@ class Service:
             offset = published.get(user, {}).get("event_offset")
             return -1 if offset is None else offset
 
-        behind = [user for user, offset in zip(users, newest.tolist(), strict=True) if reflected(user) < offset]
+        # != rather than <: after an offset reset (kafka.offset_out_of_range = reset-earliest) a
+        # user's newest event can have a lower offset than the list published before the reset.
+        behind = [user for user, offset in zip(users, newest.tolist(), strict=True) if reflected(user) != offset]
         if behind:
             log.info("%d users have applied events without a published recommendation: refreshing them", len(behind))
             self.publisher.touch(behind, time.monotonic())
@@ -163,6 +177,7 @@ class Service:
             offset = self.store.offsets(tp.topic).get(tp.partition)
             if offset is not None:
                 stored[tp] = offset
+        self.offset_guard.assigned(partitions)
         log.info("assigned %s; resuming at stored offsets %s",
                  [f"{tp.topic}[{tp.partition}]" for tp in partitions],
                  {f"{tp.topic}[{tp.partition}]": o for tp, o in stored.items()})
@@ -181,9 +196,17 @@ class Service:
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         age = time.monotonic() - self._last_poll
-        ok = age < self.cfg.health_max_poll_age_s and self.publisher.error is None
+        delivering, delivery = self.producer.health()
+        problems = list(self.offset_guard.problems)
+        if not delivering:
+            problems.append(delivery)
+        if self._held_back:
+            problems.append(self._held_back)
+        ok = age < self.cfg.health_max_poll_age_s and self.publisher.error is None and not problems
         return ok, {
             "status": "ok" if ok else "unhealthy",
+            "problems": problems,
+            "delivering": delivering,
             "last_poll_age_s": round(age, 3),
             "trainer_alive": self.trainer.worker.alive,
             "trainer_ready": self.trainer.worker.ready,
@@ -196,7 +219,8 @@ class Service:
     def idle_s(self) -> float | None:
         """Seconds since the last record arrived, once partitions are assigned and read up to
         their high watermark and nothing is left to publish; None before that."""
-        if not self.consumer.assignment() or not caught_up(self.consumer) or self.publisher.pending or self._held:
+        if (not self.consumer.assignment() or not caught_up(self.consumer) or self.publisher.pending or self._held
+                or self.offset_guard.stopped or self.producer.backlog):
             return None
         return time.monotonic() - self._last_records
 
@@ -224,7 +248,12 @@ class Service:
         publisher has no thread of its own, do its work)."""
         if self.publisher.error is not None:
             raise RuntimeError("the publisher thread failed") from self.publisher.error
-        records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.settings.kafka.max_poll_records)
+        try:
+            records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.settings.kafka.max_poll_records)
+        except OffsetOutOfRangeError as exc:
+            self.offset_guard.on_error(exc)
+            records = {}
+        self.offset_guard.check()
         self._last_poll = time.monotonic()
         flat = [record for batch in records.values() for record in batch]
         if flat:
@@ -270,11 +299,12 @@ class Service:
         """Decode, dead-letter, capture the signals of, and apply one batch of records."""
         started = time.perf_counter()
         events, dead = decode_behaviours(flat, self.validator)
-        if dead:
-            self.dead_letters.publish(dead)
-            for letter in dead:
-                self.metrics.dead_letters.labels(letter.kind).inc()
-            self.report.dead_letters += len(dead)
+        events, conflicts = split_conflicts(events, self.store, self.store.offsets(self.topics.behaviours), flat,
+                                            self.validator)
+        if not self._deliver_dead_letters(dead + conflicts, flat):
+            return  # held back: read again, nothing applied
+        if conflicts:
+            self.metrics.conflicting_duplicates.inc(len(conflicts))
         offsets: dict[tuple[str, int], int] = {}
         for record in flat:  # a partition's records are in offset order
             offsets[(record.topic, record.partition)] = record.offset + 1
@@ -286,11 +316,8 @@ class Service:
                 scorer if self.cfg.has_model else None, version, self._events_applied_total,
             )
         result, refused = self._apply(events, offsets, flat)
-        if refused:
-            self.dead_letters.publish(refused)
-            for letter in refused:
-                self.metrics.dead_letters.labels(letter.kind).inc()
-            self.report.dead_letters += len(refused)
+        if refused and not self._deliver_dead_letters(refused, None):
+            log.error("%d dead letters of rows the store refused were not acknowledged", len(refused))
         self.publisher.touch(result.touched_users, time.monotonic())
         if job is not None:
             self.publisher.submit(job)
@@ -304,6 +331,34 @@ class Service:
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         # Kafka's committed offsets are informational (monitoring tools); the store is the truth.
         self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+
+    def _deliver_dead_letters(self, dead: list, flat: list | None) -> bool:
+        """Send `dead` and wait for the broker's acknowledgements (``kafka.dead_letter_ack_timeout_s``);
+        count them once acknowledged. When one is not and `flat` (the batch's records) is given, the
+        batch is held back: each of its partitions is sought back to the batch's first record there,
+        so nothing of it is applied and it is read (and its dead letters sent) again."""
+        if not dead:
+            self._held_back = None
+            return True
+        if wait_all(self.dead_letters.publish(dead), self.settings.kafka.dead_letter_ack_timeout_s):
+            for letter in dead:
+                self.metrics.dead_letters.labels(letter.kind).inc()
+            self.report.dead_letters += len(dead)
+            self._held_back = None
+            return True
+        if flat is None:
+            return False
+        self._held_back = (f"dead letters cannot be delivered to {self.topics.dead_letters}: a batch of "
+                           f"{len(flat)} records is held back and read again")
+        log.warning("%s", self._held_back)
+        self.metrics.dead_letter_holds.inc()
+        first: dict[TopicPartition, int] = {}
+        for record in [*flat, *self._held]:  # deterministic mode holds later records: read them again too
+            first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        self._held = []
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
+        return False
 
     def _apply(self, events, offsets, records: list) -> tuple:
         """Apply the batch; rows the store refuses although the decoder passed them (its rules
@@ -371,7 +426,9 @@ class Service:
                  self.publisher.pending)
         try:
             self.publisher.close(timeout_s=self.cfg.worker_timeout_s)
-            self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000)
+            if not self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000):
+                log.warning("%d records were not acknowledged before shutdown (lists among them are sent "
+                            "again at the next start)", self.producer.backlog)
             assigned = self.consumer.assignment()
             try:
                 self.consumer.commit({

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,34 @@ class ServiceMetrics:
         self.drifts = Counter(
             "casm_drift_detections", "Drift detections", ["behaviour", "signal", "detector"], registry=r
         )
+        # --- delivery and offsets (issue 13) ---
+        self.publish_failed = Counter(
+            "casm_recommendations_failed", "Recommendations the producer gave up on (the user is refreshed "
+            "again)", registry=r,
+        )
+        self.dead_letter_holds = Counter(
+            "casm_dead_letter_holds", "Batches held back (not applied, read again) because a dead letter "
+            "was not acknowledged", registry=r,
+        )
+        self.offset_out_of_range = Gauge(
+            "casm_offset_out_of_range", "1 while a partition is stopped because its stored offset is outside "
+            "the partition's log", ["topic", "partition"], registry=r,
+        )
+        self.offset_resets = Counter(
+            "casm_offset_resets", "Partitions re-read from their log start after an out-of-range offset "
+            "(offset_out_of_range = reset-earliest)", ["topic", "partition"], registry=r,
+        )
+        self.conflicting_duplicates = Counter(
+            "casm_events_conflicting_duplicate", "Events with a known event_id but different content (sent "
+            "to the dead-letter topic)", registry=r,
+        )
         self._window_s = rate_window_s
+
+    def watch_delivery(self, stats: Callable[[], dict[str, dict[str, int]]],
+                       rebuilds: Callable[[], int]) -> None:
+        """Export a producer's counts (`stats()`: sent / acknowledged / failed / given_up per topic)
+        as ``casm_produce_<count>_total{topic}`` and its rebuilds as ``casm_producer_rebuilds_total``."""
+        self.registry.register(_DeliveryCollector(stats, rebuilds))
         self._recent: deque[tuple[float, int]] = deque()
 
     def count_applied(self, n: int, now: float | None = None) -> None:
@@ -94,6 +122,34 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DeliveryCollector:
+    """Reads the producer's counts at scrape time."""
+
+    HELP = {
+        "sent": "Records handed to the producer (each attempt)",
+        "acknowledged": "Records the broker acknowledged",
+        "failed": "Sends that failed (each attempt; retried with backoff)",
+        "given_up": "Records not delivered after every retry",
+    }
+
+    def __init__(self, stats: Callable[[], dict[str, dict[str, int]]], rebuilds: Callable[[], int]) -> None:
+        self.stats = stats
+        self.rebuilds = rebuilds
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's collector protocol
+        stats = self.stats()
+        for name, help_text in self.HELP.items():
+            family = CounterMetricFamily(f"casm_produce_{name}", help_text, labels=["topic"])
+            for topic, value in sorted(stats.get(name, {}).items()):
+                family.add_metric([topic], value)
+            yield family
+        yield CounterMetricFamily("casm_producer_rebuilds", "Producers closed and rebuilt after they could "
+                                  "not deliver", value=self.rebuilds())
 
 
 class TelemetryServer:

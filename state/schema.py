@@ -175,6 +175,24 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
 )
 
+MIGRATIONS += (
+    Migration(
+        4,
+        "offset resets: a partition re-read from its new log start (topic recreated, cluster replaced)",
+        (
+            """CREATE TABLE offset_resets (
+                batch_seq BIGINT NOT NULL,
+                reset_at DOUBLE NOT NULL,
+                topic VARCHAR NOT NULL,
+                "partition" INTEGER NOT NULL,
+                from_offset BIGINT NOT NULL,
+                to_offset BIGINT NOT NULL,
+                reason VARCHAR NOT NULL
+            )""",
+        ),
+    ),
+)
+
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 
 

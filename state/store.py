@@ -445,6 +445,18 @@ class StateStore(RegistryMixin, RetentionMixin):
             'SELECT topic, "partition", max(next_offset) FROM commits GROUP BY ALL'
         ).fetchall()
         c.offsets = {(t, int(p)): int(o) for t, p, o in rows}
+        # A reset (`reset_offset`) lowers a partition's offset: from the newest reset on, the
+        # offset is the reset's target or a later commit's, whichever is higher.
+        resets = con.execute(
+            'SELECT topic, "partition", max(batch_seq), arg_max(to_offset, batch_seq) FROM offset_resets GROUP BY ALL'
+        ).fetchall()
+        for t, p, reset_seq, to_offset in resets:
+            later = con.execute(
+                'SELECT max(next_offset) FROM commits WHERE topic = $1 AND "partition" = $2 AND batch_seq > $3',
+                [t, p, reset_seq],
+            ).fetchall()[0][0]
+            c.offsets[(t, int(p))] = max(int(to_offset), int(later) if later is not None else 0)
+            c.batch_seq = max(c.batch_seq, int(reset_seq))
         c.popularity_rows = int(con.execute("SELECT count(*) FROM popularity").fetchall()[0][0])
         c.popularity_rows_aggregated = c.popularity_rows
         self._counters = c
@@ -955,6 +967,61 @@ class StateStore(RegistryMixin, RetentionMixin):
         with self._lock:
             self.con  # noqa: B018 - raises when closed
             return {p: o for (t, p), o in sorted(self._counters.offsets.items()) if t == topic}
+
+    def reset_offset(self, topic: str, partition: int, to_offset: int, reason: str) -> int | None:
+        """Move the stored next offset of (`topic`, `partition`) to `to_offset`, also backwards (the
+        partition's log was replaced, e.g. a topic recreated: its offsets start again), and record
+        the reset with `reason` in ``offset_resets``. Events already applied stay; new ones at any
+        offset from `to_offset` on are applied (event ids still drop repeats). Returns the offset it
+        replaced (None: there was none)."""
+        with self._lock:
+            self._writable()
+            c = self._counters
+            before = c.offsets.get((topic, partition))
+            batch_seq = c.batch_seq + 1
+            self._transaction(lambda con: con.execute(
+                "INSERT INTO offset_resets VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [batch_seq, float(self._clock()), topic, partition, -1 if before is None else before,
+                 int(to_offset), reason],
+            ))
+            c.offsets[(topic, partition)] = int(to_offset)
+            c.batch_seq = batch_seq
+            log.warning("stored offset of %s[%d] reset from %s to %d: %s", topic, partition, before, to_offset, reason)
+            return before
+
+    def offset_resets(self) -> list[dict[str, Any]]:
+        """Every recorded offset reset, oldest first."""
+        with self._lock:
+            rows = self.con.execute(
+                'SELECT reset_at, topic, "partition", from_offset, to_offset, reason FROM offset_resets ORDER BY batch_seq'
+            ).fetchall()
+        return [dict(zip(("reset_at", "topic", "partition", "from_offset", "to_offset", "reason"), r, strict=True))
+                for r in rows]
+
+    def known_event_ids(self, event_ids: Sequence[str]) -> np.ndarray:
+        """Bool [n]: which of `event_ids` (non-null) the id memory holds (applied within the window)."""
+        with self._lock:
+            return self._dedup.contains(hash_ids(list(event_ids)))
+
+    def applied_events_by_id(self, event_ids: Sequence[str]) -> dict[str, tuple[str, str, str, float]]:
+        """(user_id, item_id, behavior, timestamp) of the applied event of each id in `event_ids`
+        that the events table still holds (trimmed ones are absent). For the rare ids seen twice,
+        not a hot path (one scan of the events table)."""
+        if not event_ids:
+            return {}
+        wanted = pa.table({"h": hash_ids(list(event_ids)), "event_id": pa.array(list(event_ids), pa.string())})
+        with self._lock:
+            con = self.con
+            con.register("_wanted_ids", wanted)
+            try:
+                rows = con.execute(
+                    "SELECT e.event_id, e.user_id, i.item_id, b.name, e.timestamp FROM events e "
+                    "JOIN _wanted_ids w ON e.event_hash = w.h AND e.event_id = w.event_id "
+                    "JOIN items i ON i.idx = e.item_idx JOIN behaviours b ON b.idx = e.behaviour_idx"
+                ).fetchall()
+            finally:
+                con.unregister("_wanted_ids")
+        return {r[0]: (r[1], r[2], r[3], float(r[4])) for r in rows}
 
     def all_offsets(self) -> dict[tuple[str, int], int]:
         """Stored next offset to read per (topic, partition)."""

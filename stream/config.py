@@ -8,6 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+MIN_PLAUSIBLE_TIMESTAMP = 315_532_800.0
+"""1980-01-01T00:00:00Z in unix seconds: the default earliest event time."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -63,6 +66,43 @@ class KafkaConfig(_Section):
         30.0, gt=0, description="How long topic creation waits for the cluster to show the new topics."
     )
 
+    # --- delivery and offset checks (issue 13) ------------------------------------------------
+    # Every record the service produces is counted only when the broker acknowledges it; these
+    # bound how long a send may wait, how failures are retried and when a producer is rebuilt.
+    max_block_ms: int = Field(
+        5_000, ge=0, description="Producer max.block.ms: how long a send may block (metadata, full "
+        "buffer) before it fails and is retried."
+    )
+    max_request_size: int = Field(
+        1_048_576, ge=1024, description="Producer max.request.size in bytes: the largest record we send "
+        "(dead letters are cut to fit under it)."
+    )
+    delivery_retries: int = Field(
+        5, ge=0, description="Times a failed send is sent again (with backoff) before its owner is told "
+        "it failed (a recommendation is then re-queued, a dead letter holds its batch back)."
+    )
+    delivery_backoff_ms: int = Field(
+        200, ge=1, description="Wait before the first resend of a failed record; doubles per attempt."
+    )
+    delivery_backoff_max_ms: int = Field(
+        10_000, ge=1, description="Longest wait between two resends of a failed record."
+    )
+    delivery_stall_s: float = Field(
+        15.0, gt=0, description="A producer with a send unacknowledged for this long and no "
+        "acknowledgement since is stuck (e.g. a fatal idempotence state after a broker restart): it "
+        "is closed, its records fail over to retries and a new producer is built."
+    )
+    dead_letter_ack_timeout_s: float = Field(
+        30.0, gt=0, description="How long the ingest loop waits for a batch's dead letters to be "
+        "acknowledged before it holds the batch back (not applied, read again)."
+    )
+    offset_out_of_range: Literal["fail", "reset-earliest"] = Field(
+        "fail", description="What happens when a stored offset is above a partition's high watermark or "
+        "below its log start (the topic was recreated, or the cluster replaced): `fail` stops that "
+        "partition, reports it (log, metric, /healthz) and waits for an operator; `reset-earliest` "
+        "reads the partition's new log from its start and records the reset in the store."
+    )
+
 
 class TopicsConfig(_Section):
     """Topic names and the partition count they are created with."""
@@ -109,9 +149,16 @@ class EventLimits(_Section):
     open_vocabulary: bool = Field(
         False, description="Accept behaviours outside the configured vocabulary (they are added)."
     )
-    min_timestamp: float = Field(0.0, ge=0, description="Earliest accepted event time (unix s).")
+    min_timestamp: float = Field(
+        MIN_PLAUSIBLE_TIMESTAMP, ge=0, description="Earliest accepted event time (unix s); the default, "
+        "1980-01-01 UTC, rejects 0, small numbers and other times no behaviour log can have."
+    )
     max_future_skew_s: float = Field(
         86_400.0, ge=0, description="Reject events timed more than this after the wall clock."
+    )
+    dead_letter_max_key_bytes: int = Field(
+        1024, ge=0, description="Bytes of a rejected message's key kept in its dead letter (and used as "
+        "the dead letter's key); a longer key is cut, its size and SHA-256 recorded."
     )
     dead_letter_max_bytes: int = Field(
         64 * 1024, ge=0, description="Bytes of a rejected message kept in its dead letter (the rest is "

@@ -8,6 +8,8 @@ Nothing raises on bad input: every record ends up either in the table or as a `D
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -48,6 +50,47 @@ JSON_INFLATION_BOUND = 5
 case is a number like ``1e15`` -> ``1000000000000000.0``; whitespace, escapes and duplicate keys
 only shrink). So a context inside a message of n bytes re-serializes to at most 5 n bytes, and the
 context size check is skipped for messages with 5 n <= max_context_bytes."""
+
+
+DUPLICATE_KEY_HINTS = (b"\\u", b'"context"')
+"""Messages holding any of these (an escaped character, which could spell a key another way, or
+the free-form context) get the full duplicate-key check; the others only the cheap one: a count of
+each field name."""
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def duplicate_key(value: bytes, field_names: Sequence[bytes]) -> str | None:
+    """The first key that occurs twice in one JSON object of `value` (UTF-8 JSON), or None.
+
+    Such JSON is ambiguous (RFC 8259: parsers differ on which value counts), so it is rejected
+    rather than read "last key wins". Cheap for ordinary events: the full parse runs only when a
+    field name (``b'"user_id"'``...) occurs twice or the message has an escape or a context."""
+    if not any(value.count(name) > 1 for name in field_names) and not any(h in value for h in DUPLICATE_KEY_HINTS):
+        return None
+    try:
+        json.loads(value, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        return str(exc)
+    except ValueError:  # not JSON: the validator says why
+        return None
+    return None
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class RecordLike(Protocol):
@@ -110,6 +153,7 @@ class EventValidator:
         self.max_context_bytes = self.limits.max_context_bytes
         self.context_check_from = self.limits.max_context_bytes // JSON_INFLATION_BOUND
         self.max_future_skew_s = self.limits.max_future_skew_s
+        self.field_names = tuple(f'"{name}"'.encode() for name in self.model.model_fields)
 
     def latest_allowed(self, now: float | None = None) -> float:
         """The latest event time accepted at wall-clock time `now` (unix s)."""
@@ -125,6 +169,10 @@ class EventValidator:
                 "too_large", f"message is {len(value)} bytes, more than the limit of {self.max_message_bytes}"
             )
         event = self._validate_json(value)
+        repeated = duplicate_key(value, self.field_names)
+        if repeated is not None:
+            raise EventRejected("duplicate_key", f"the key {repeated!r} occurs twice in one object: "
+                                "ambiguous JSON is not accepted (send each key once)")
         if event.context is not None and len(value) > self.context_check_from:
             error = context_size_error(event.context, self.max_context_bytes)
             if error:
@@ -146,14 +194,20 @@ class EventValidator:
         """The dead letter of `record` (its value cut to ``dead_letter_max_bytes``)."""
         value = record.value if record.value is not None else b""
         keep = self.limits.dead_letter_max_bytes
+        keep_key = self.limits.dead_letter_max_key_bytes
+        key = bytes(record.key) if record.key is not None else None
         produced = record.timestamp if record.timestamp is not None and record.timestamp >= 0 else None
         return DeadLetter(
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            key=bytes(record.key) if record.key is not None else None,
+            key=None if key is None else key[:keep_key],
+            key_size=None if key is None else len(key),
+            key_truncated=key is not None and len(key) > keep_key,
+            key_sha256=None if key is None else sha256_hex(key),
             original=bytes(value[:keep]),
             original_size=len(value),
+            original_sha256=sha256_hex(bytes(value)),
             truncated=len(value) > keep,
             produced_ms=produced,
             kind=kind,  # type: ignore[arg-type]

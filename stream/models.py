@@ -233,6 +233,8 @@ DeadLetterKind = Literal[
     "unknown_behaviour",  # behaviour outside a closed vocabulary
     "future_timestamp",  # timestamp later than now + max_future_skew_s (often: milliseconds)
     "internal",  # an unexpected error while decoding (a bug: the message is kept for a replay)
+    "duplicate_key",  # JSON with a key twice in one object (ambiguous: which value counts?)
+    "conflicting_duplicate",  # a known event_id with different content (the first one stays applied)
 ]
 DEAD_LETTER_KINDS: tuple[str, ...] = DeadLetterKind.__args__  # type: ignore[attr-defined]
 
@@ -254,6 +256,12 @@ class DeadLetter(_Model):
     key: Base64Bytes | None = Field(None, description="Its key (base64), if any.")
     original: Base64Bytes = Field(description="Its value (base64), cut to a bound; see truncated.")
     original_size: int = Field(ge=0, description="Length of the whole original value in bytes.")
+    original_sha256: str | None = Field(
+        None, description="SHA-256 (hex) of the whole original value, so a cut value can be matched."
+    )
+    key_size: int | None = Field(None, ge=0, description="Length of the whole original key in bytes.")
+    key_truncated: bool = Field(False, description="Whether `key` holds only the start of the original key.")
+    key_sha256: str | None = Field(None, description="SHA-256 (hex) of the whole original key, if any.")
     truncated: bool = Field(False, description="Whether `original` holds only the start of the value.")
     produced_ms: int | None = Field(None, description="Kafka record timestamp of the message (ms).")
     kind: DeadLetterKind = Field(description="Category of the rejection (for counting).")

@@ -23,7 +23,7 @@ def test_casm_demo_completes_and_reports(tmp_path: Path) -> None:
         "CASM_LIVE__DEMO_EVENTS": str(EVENTS),
         "CASM_LIVE__RUNS_DIR": str(tmp_path / "runs"),
         "CASM_SERVE__METRICS_PORT": "0",
-        "CASM_SERVE__FINE_TUNE_EVERY_EVENTS": "1000",
+        "CASM_SERVE__PUBLISH_EVERY_S": "1.0",  # versions during a short run
         "CASM_PROGRESS": "false",
     })
     result = subprocess.run([str(casm), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

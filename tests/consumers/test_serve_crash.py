@@ -51,8 +51,8 @@ def serve_env(bootstrap: str, settings: CasmSettings, store: Path, run: str) -> 
         "CASM_MODEL__FFN_DIM": "16",
         "CASM_SERVE__CHECKPOINT_DIR": str(store.parent / f"{store.stem}-checkpoints"),
         "CASM_SERVE__METRICS_PORT": "0",
-        "CASM_SERVE__FINE_TUNE_EVERY_EVENTS": "1500",
-        "CASM_SERVE__FINE_TUNE_STEPS": "4",
+        "CASM_SERVE__TRAINER_MAX_STEPS_PER_S": "5",  # training (and checkpoints) while it is killed
+        "CASM_SERVE__PUBLISH_EVERY_S": "1.0",
         "CASM_PROGRESS": "false",
     })
     return env

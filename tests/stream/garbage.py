@@ -7,6 +7,8 @@ import json
 
 from hypothesis import strategies as st
 
+from stream.config import MIN_PLAUSIBLE_TIMESTAMP
+
 VOCAB = ("pv", "cart", "fav", "buy")
 NOW = 1_800_000_000.0
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -17,7 +19,7 @@ valid_fields = st.fixed_dictionaries(
         "item_id": st.one_of(st.text(st.characters(codec="utf-8"), min_size=1, max_size=20),
                              st.integers(0, 2**40)),
         "behavior": st.sampled_from(VOCAB),
-        "timestamp": st.floats(0, NOW, allow_nan=False, allow_infinity=False),
+        "timestamp": st.floats(MIN_PLAUSIBLE_TIMESTAMP, NOW, allow_nan=False, allow_infinity=False),
     }
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -132,3 +133,31 @@ def test_skipped_context_checks_never_change_the_verdict(max_context):
                 expected = False
             table, dead = decode_behaviours(records([raw]), validator)
             assert (table.num_rows == 1) is expected, (token, count, dead)
+
+
+@pytest.mark.parametrize("value", [
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"user_id":"v"}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"user\\u005fid":"v"}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"a":1,"a":2}}',
+])
+def test_json_with_a_key_twice_is_rejected_as_ambiguous(value: bytes) -> None:
+    _, dead = decode_behaviours(records([value]), EventValidator(), now=NOW)
+    assert [d.kind for d in dead] == ["duplicate_key"]
+    assert "occurs twice" in dead[0].reason
+
+
+@pytest.mark.parametrize("timestamp", [0, 1, 86_400, 315_532_799])
+def test_timestamps_before_1980_are_rejected(timestamp: float) -> None:
+    value = json.dumps({"user_id": "u", "item_id": "i", "behavior": "pv", "timestamp": timestamp}).encode()
+    table, dead = decode_behaviours(records([value]), EventValidator(), now=NOW)
+    assert table.num_rows == 0 and [d.kind for d in dead] == ["invalid_event"]
+    assert "timestamp" in dead[0].reason
+
+
+def test_a_long_key_is_cut_in_the_dead_letter_with_its_size_and_hash() -> None:
+    record = records([b"not json"])[0]
+    record.key = b"k" * 700_000
+    letter = EventValidator().dead_letter(record, "invalid_json", "bad")
+    assert len(letter.key) == EventLimits().dead_letter_max_key_bytes and letter.key_truncated
+    assert letter.key_size == 700_000 and letter.key_sha256 == hashlib.sha256(record.key).hexdigest()
+    assert letter.original_sha256 == hashlib.sha256(b"not json").hexdigest()

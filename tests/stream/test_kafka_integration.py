@@ -18,6 +18,7 @@ from stream.clients import lag, make_consumer, make_producer, read_topic, topic_
 from stream.config import EventLimits, SyntheticConfig
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator, decode_behaviours
+from stream.delivery import acknowledged_producer, wait_all
 from stream.logs import read_log
 from stream.models import DeadLetter
 from stream.replay import replay
@@ -86,9 +87,10 @@ def _dlq_pipeline(bootstrap, cfg, topics, messages):
         producer.flush()
         records = read_topic(cfg, bootstrap, topics.behaviours, expected=len(messages))
         table, dead = decode_behaviours(records, VALIDATOR, now=NOW)
-        publisher = DeadLetterPublisher(producer, topics.dead_letters)
-        assert publisher.publish(dead) == len(dead)
-        publisher.flush()
+        acknowledged = acknowledged_producer(cfg, bootstrap, make_producer)
+        publisher = DeadLetterPublisher(acknowledged, topics.dead_letters)
+        assert wait_all(publisher.publish(dead), 30)
+        acknowledged.close(5)
         assert publisher.failed == 0 and publisher.total == len(dead)
     finally:
         producer.close()
@@ -252,7 +254,7 @@ def test_concurrent_producers_keep_per_user_order(kafka_bootstrap, kafka_config,
                 user = f"{prefix}{i % 10}"
                 producer.send(topic_names.behaviours, key=user.encode(),
                               value=encode({"user_id": user, "item_id": str(i), "behavior": "pv",
-                                            "timestamp": float(i)}))
+                                            "timestamp": 1.7e9 + i}))
         finally:
             producer.close()
 

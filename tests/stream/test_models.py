@@ -115,7 +115,7 @@ def test_context_limit_counts_compact_json():
 
 
 def test_canonical_model_round_trips():
-    event = BehaviourEvent(user_id="u", item_id="i", behavior="cart", timestamp=5.0, event_id="e")
+    event = BehaviourEvent(user_id="u", item_id="i", behavior="cart", timestamp=1.7e9, event_id="e")
     again = BehaviourEvent.model_validate_json(event.model_dump_json())
     assert again == event
 
