@@ -36,5 +36,7 @@ def test_casm_demo_completes_and_reports(tmp_path: Path) -> None:
     assert report["serve"]["events_applied"] == EVENTS
     assert report["monitor"]["users_not_reflected"] == 0
     assert report["prequential"]["freshness_count"] > 0
-    assert 0.0 <= report["prequential"]["hr@10"] <= 1.0
+    pq = report["prequential"]
+    assert pq["scored"] + pq["cold"] == pq["target_events"] > 0
+    assert 0.0 < pq["ndcg@10"] <= pq["hr@10"]  # some buys hit; NDCG never exceeds HR at the same K
     assert (runs[0] / "report.md").read_text().startswith("# casm demo report")
