@@ -40,9 +40,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from consumers.live import ServeProcess, free_port
+from consumers.live import ServeProcess
 from consumers.settings import CasmSettings
-from stream.broker import EmbeddedBroker
+from stream.broker import EmbeddedBroker, free_port
 from stream.clients import make_producer, read_topic
 from stream.config import BrokerConfig, SyntheticConfig
 from stream.replay import parse_pacing, replay

@@ -28,9 +28,9 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import psutil
 
-from consumers.live import ServeProcess, free_port, run_live
+from consumers.live import ServeProcess, run_live
 from consumers.settings import CasmSettings
-from stream.broker import EmbeddedBroker
+from stream.broker import EmbeddedBroker, free_port
 from stream.clients import make_consumer, make_producer, topic_partitions
 from stream.config import BrokerConfig, SyntheticConfig
 from stream.replay import parse_pacing, replay

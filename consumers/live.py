@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -42,12 +41,6 @@ def settings_env(settings: CasmSettings) -> dict[str, str]:
             continue
         env[f"CASM_{key.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
     return env
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 class ServeProcess:

@@ -17,6 +17,9 @@ from consumers.settings import CasmSettings
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+FORMAT_PRESETS: dict[str, str] = {"movielens": "movielens", "taobao": "taobao", "retailrocket": "retailrocket"}
+"""The preset a log format implies when none is named (`--format movielens` -> preset movielens)."""
+
 
 def available_presets() -> list[str]:
     """Names of the presets shipped with casm-stream."""

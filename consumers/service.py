@@ -49,7 +49,7 @@ from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.trainer_link import TrainerLink
 from state.errors import InvalidEventError
 from state.store import StateStore
-from stream.clients import caught_up, lag, make_consumer, make_producer
+from stream.clients import caught_up, commit_offsets, lag, make_consumer, make_producer
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator, decode_behaviours
 from stream.delivery import acknowledged_producer, wait_all
@@ -431,9 +431,8 @@ class Service:
                             "again at the next start)", self.producer.backlog)
             assigned = self.consumer.assignment()
             try:
-                self.consumer.commit({
-                    TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                    for (t, p), o in self.store.all_offsets().items() if TopicPartition(t, p) in assigned
+                commit_offsets(self.consumer, {
+                    TopicPartition(t, p): o for (t, p), o in self.store.all_offsets().items() if TopicPartition(t, p) in assigned
                 })
             except Exception as exc:  # noqa: BLE001 - informational commit only
                 log.debug("final commit failed: %s", exc)

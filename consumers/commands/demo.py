@@ -10,9 +10,9 @@ import logging
 import time
 from pathlib import Path
 
-from consumers.live import free_port, run_live
+from consumers.live import run_live
 from consumers.settings import CasmSettings
-from stream.broker import kafka_cluster
+from stream.broker import free_port, kafka_cluster
 from stream.logs import LOG_FORMATS, read_log
 from stream.replay import parse_pacing
 from stream.synthetic import generate
@@ -74,13 +74,13 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "timeline": result.timeline,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    text = format_report(report, settings.serve.top_k)
+    text = format_demo_report(report, settings.serve.top_k)
     (run_dir / "report.md").write_text(text)
     print(text)
     return 0 if result.drained and result.serve.get("events_applied") == events.num_rows else 1
 
 
-def format_report(report: dict, k: int) -> str:
+def format_demo_report(report: dict, k: int) -> str:
     pq, serve, monitor = report["prequential"], report["serve"], report["monitor"]
     freshness = [f"{label}: {n}" for label, n in pq.get("freshness_histogram", [])]
     lines = [

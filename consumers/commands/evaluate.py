@@ -38,6 +38,7 @@ from consumers.offline import (
     make_split,
     run_variant,
 )
+from consumers.presets import FORMAT_PRESETS
 from consumers.settings import CasmSettings
 from stream.logs import LOG_FORMATS, read_heldout, read_log
 
@@ -47,7 +48,6 @@ HELP = "Train and evaluate CASM and baselines offline on a historical log (leave
 log = logging.getLogger(__name__)
 
 # A format's natural preset, used when --preset is not given.
-FORMAT_PRESETS = {"movielens": "movielens", "taobao": "taobao", "retailrocket": "retailrocket"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

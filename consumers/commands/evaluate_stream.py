@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import get_args
 
-from consumers.live import free_port, run_live
+from consumers.live import run_live
 from consumers.prequential import ranking_metrics
+from consumers.presets import FORMAT_PRESETS
 from consumers.settings import CasmSettings, ServeConfig
 from consumers.stream_report import test_then_train_metrics, two_losses, write_report
-from stream.broker import kafka_cluster
+from stream.broker import free_port, kafka_cluster
 from stream.logs import LOG_FORMATS, read_log
 from stream.replay import parse_pacing
 from stream.synthetic import generate
@@ -27,7 +28,6 @@ HELP = "Replay a log through broker + casm serve and score the published recomme
 
 log = logging.getLogger(__name__)
 
-FORMAT_PRESETS = {"movielens": "movielens", "taobao": "taobao", "retailrocket": "retailrocket"}
 POLICIES = {"fixed": "fixed", "adaptive": "conversion", "conversion": "conversion", "gradient": "gradient"}
 RECOMMENDERS = get_args(ServeConfig.model_fields["recommender"].annotation)
 
