@@ -128,6 +128,7 @@ class Service:
             self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
             self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
             self._held_back: str | None = None  # why the last batch was not applied
+            self._assigned: list[str] = []  # "topic[partition]" as of the last assignment (for /healthz)
             self.signals = (
                 SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha,
                             self.trainer.request_similarity)
@@ -178,6 +179,7 @@ class Service:
             if offset is not None:
                 stored[tp] = offset
         self.offset_guard.assigned(partitions)
+        self._assigned = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
         log.info("assigned %s; resuming at stored offsets %s",
                  [f"{tp.topic}[{tp.partition}]" for tp in partitions],
                  {f"{tp.topic}[{tp.partition}]": o for tp, o in stored.items()})
@@ -213,7 +215,8 @@ class Service:
             "trainer_restarts": self.trainer.restarts,
             "publisher_ok": self.publisher.error is None,
             "model_version": self.serving.version,
-            "assigned": sorted(f"{tp.topic}[{tp.partition}]" for tp in self.consumer.assignment()),
+            # The loop's copy: kafka-python's consumer is not thread-safe, and this runs on the HTTP thread.
+            "assigned": list(self._assigned),
         }
 
     def idle_s(self) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from casm_core.config import BehaviourConfig, EvalConfig, ModelConfig, TrainConfig
@@ -273,3 +273,15 @@ class CasmSettings(BaseSettings):
     live: LiveConfig = Field(default_factory=LiveConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _behaviour_names_exist(self) -> CasmSettings:
+        """Behaviours named in `serve` must be in `behaviours.names` (unless the vocabulary is
+        open): a typo would otherwise be ignored (exclusions) or fail at the first publish."""
+        if self.events.open_vocabulary:
+            return self
+        for field in ("exclude_behaviours", "popularity_behaviours"):
+            unknown = [b for b in getattr(self.serve, field) if b not in self.behaviours.names]
+            if unknown:
+                raise ValueError(f"serve.{field} names {unknown}, not in behaviours.names {self.behaviours.names}")
+        return self

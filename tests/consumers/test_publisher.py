@@ -89,7 +89,7 @@ def test_recent_honours_the_exclusions() -> None:
 
 @pytest.mark.parametrize("recommender", ["popularity", "casm"])  # casm: no model yet, the fallback
 def test_popularity_lists_honour_each_users_exclusions(recommender: str) -> None:
-    publisher, producer = make_publisher(recommender=recommender, exclude_behaviours=["buy", "nope"])
+    publisher, producer = make_publisher(recommender=recommender, exclude_behaviours=["buy"])
     apply(publisher, POPULAR + [("u", "x", "buy"), ("u", "z", "pv"), ("v", "w", "buy"), ("t", "y", "pv")])
     lists = published(publisher, producer, ["u", "v", "t", "nobody"])
     assert {rec.source for rec in lists.values()} == {"popularity"}
@@ -129,3 +129,14 @@ def test_recommendations_are_valid_json_for_every_source() -> None:
     apply(publisher, [("u", "a", "pv")])
     published(publisher, producer, ["u"])
     assert json.loads(producer.sent[0][2])["source"] == "recent"
+
+
+def test_a_behaviour_the_vocabulary_lacks_is_refused_in_the_settings() -> None:
+    from pydantic import ValidationError
+
+    from consumers.settings import CasmSettings
+
+    for field in ("exclude_behaviours", "popularity_behaviours"):
+        with pytest.raises(ValidationError, match=f"serve.{field} names \\['byu'\\]"):
+            CasmSettings(serve={field: ["buy", "byu"]})
+    assert CasmSettings(events={"open_vocabulary": True}, serve={"exclude_behaviours": ["later"]})  # may appear
