@@ -28,6 +28,13 @@ from stream.replay import Pacing, ReplayReport, replay
 
 log = logging.getLogger(__name__)
 
+# Polling the service and the topics: short enough to follow progress, long enough not to spin.
+HTTP_TIMEOUT_S = 2.0  # /healthz and /metrics answer in milliseconds; longer means not up (yet)
+ASSIGN_CHECK_S = 0.25  # between two /healthz probes while the service joins its group
+METADATA_TIMEOUT_S = 30.0  # for the topics' partitions to show in the cluster metadata
+MONITOR_POLL_MS = 100  # one monitor poll while following the run
+FINAL_POLL_MS = 500  # the last monitor poll after the service stopped
+
 
 def settings_env(settings: CasmSettings) -> dict[str, str]:
     """`settings` as ``CASM_*`` environment variables (one JSON value per section), so a child
@@ -61,7 +68,7 @@ class ServeProcess:
     def health(self) -> dict[str, Any] | None:
         """The service's /healthz answer, or None while it does not answer."""
         try:
-            with urllib.request.urlopen(self.metrics_url + "/healthz", timeout=2) as answer:
+            with urllib.request.urlopen(self.metrics_url + "/healthz", timeout=HTTP_TIMEOUT_S) as answer:
                 return json.loads(answer.read())
         except (OSError, ValueError):
             return None
@@ -69,7 +76,7 @@ class ServeProcess:
     def metrics(self) -> dict[str, float]:
         """The service's /metrics, each metric summed over its labels (empty when unreachable)."""
         try:
-            with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=2) as answer:
+            with urllib.request.urlopen(self.metrics_url + "/metrics", timeout=HTTP_TIMEOUT_S) as answer:
                 text = answer.read().decode()
         except OSError:
             return {}
@@ -93,7 +100,7 @@ class ServeProcess:
             health = self.health()
             if health and health.get("assigned"):
                 return
-            time.sleep(0.25)
+            time.sleep(ASSIGN_CHECK_S)
         raise TimeoutError(f"casm serve got no partitions within {timeout_s} s; see {self.log_path}")
 
     def stop(self, timeout_s: float) -> dict[str, Any]:
@@ -143,7 +150,7 @@ class TopicMonitor:
         self.consumer = make_consumer(settings.kafka, bootstrap, group_id=None)
         topics = settings.topics
         names = [topics.behaviours, topics.recommendations, topics.dead_letters] + ([topics.scores] if topics.scores else [])
-        partitions = [tp for topic in names for tp in topic_partitions(self.consumer, topic, timeout_s=30)]
+        partitions = [tp for topic in names for tp in topic_partitions(self.consumer, topic, timeout_s=METADATA_TIMEOUT_S)]
         self.consumer.assign(partitions)
         self.consumer.seek_to_beginning(*partitions)
 
@@ -264,7 +271,7 @@ def run_live(
     finally:
         serve_report = serve.stop(cfg.stop_timeout_s)
         if monitor is not None:
-            monitor.poll(timeout_ms=500)
+            monitor.poll(timeout_ms=FINAL_POLL_MS)
             monitor.close()
     scorer.flush()
     state = monitor.state if monitor else MonitorState()
@@ -317,7 +324,7 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
     window: list[tuple[float, int]] = []
     try:
         while True:
-            monitor.poll(timeout_ms=100)
+            monitor.poll(timeout_ms=MONITOR_POLL_MS)
             now = time.monotonic()
             monitor.scorer.flush(int(time.time() * 1000))
             bar.update(state.events - bar.n)

@@ -56,6 +56,11 @@ from stream.delivery import acknowledged_producer, wait_all
 
 log = logging.getLogger(__name__)
 
+# Closing after a failed start, and the trainer and producer at shutdown: the work that matters
+# (the trainer's last version, every pending output) was waited for before, with its own settings.
+CLOSE_AFTER_FAILED_START_S = 1.0
+CLOSE_TIMEOUT_S = 5.0
+
 
 def open_store(settings: CasmSettings, read_only: bool = False) -> StateStore:
     """The state store configured by `settings`."""
@@ -145,7 +150,7 @@ class Service:
                 self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port)
         except BaseException:
             if self.trainer is not None:
-                self.trainer.worker.close(timeout_s=1.0)
+                self.trainer.worker.close(timeout_s=CLOSE_AFTER_FAILED_START_S)
             if getattr(self, "producer", None) is not None:
                 self.producer.close(0)
             if self.store is not None:
@@ -453,9 +458,9 @@ class Service:
                 self.signals.persist()
                 self.report.events_scored = self.signals.events_scored
                 self.report.drift = list(self.signals.log)
-            self.trainer.worker.close(timeout_s=5.0)
+            self.trainer.worker.close(timeout_s=CLOSE_TIMEOUT_S)
             self.consumer.close()
-            self.producer.close(timeout=5)
+            self.producer.close(timeout=CLOSE_TIMEOUT_S)
             self.store.close()
             if self.telemetry:
                 self.telemetry.stop()

@@ -33,6 +33,9 @@ from state.store import StateStore
 log = logging.getLogger(__name__)
 
 CHECKPOINT_GLOB = "casm-v*.pt"
+# A dead or never-ready trainer process is closed quickly: there is nothing left to collect.
+DEAD_CLOSE_S = 1.0
+NOT_READY_CLOSE_S = 5.0
 
 
 def trainer_plan(settings: CasmSettings) -> TrainerPlan:
@@ -264,7 +267,7 @@ class TrainerLink:
         self._restart_after = now + self.cfg.trainer_restart_backoff_s
         log.error("the trainer process is gone (%s): starting a new one from the newest checkpoint "
                   "(ingestion goes on)", reason)
-        self.worker.close(timeout_s=1.0)
+        self.worker.close(timeout_s=DEAD_CLOSE_S)
         self.worker = TrainingWorker(self.cfg.trainer_niceness)
         self.initialize()
 
@@ -303,4 +306,4 @@ class TrainerLink:
         if self.worker.ready:
             self._handle(self.worker.close(timeout_s=self.cfg.worker_timeout_s))
         else:
-            self.worker.close(timeout_s=5.0)
+            self.worker.close(timeout_s=NOT_READY_CLOSE_S)

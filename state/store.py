@@ -1165,15 +1165,6 @@ class StateStore(RegistryMixin, RetentionMixin):
             return count
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: str, columns: str, data: pa.Table) -> None:
-    name = f"_new_{table}"
-    con.register(name, data)
-    try:
-        con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {name}")
-    finally:
-        con.unregister(name)
-
-
 def _first_positions(item_idx: np.ndarray, base: int) -> np.ndarray:
     """Positions in the batch of the first event of each new item (indices > base), in index
     order."""
