@@ -19,6 +19,7 @@ from consumers.serving_model import ServingModel
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics
 from consumers.training_worker import (
+    NothingTrained,
     Similarity,
     TrainedVersion,
     TrainerPlan,
@@ -251,6 +252,8 @@ class TrainerLink:
                 self.metrics.gradient_similarity_seconds.observe(reply.seconds)
                 if self.on_similarity is not None:
                     self.on_similarity(reply)
+            elif isinstance(reply, NothingTrained):
+                log.debug("training round at %d events: no sequence to train on yet", reply.events_applied)
             elif isinstance(reply, WorkerError):
                 self.errors += 1
                 self.metrics.trainer_errors.inc()

@@ -21,7 +21,8 @@ Protocol (over a `multiprocessing` pipe, the typed messages below; a reader thre
 takes them off the pipe so a feed never waits for a step to end):
     -> WorkerInit               <- Ready or WorkerError
     -> TrainingFeed (any time)  <- TrainedVersion (whenever one is published), Similarity
-                                   (when asked, or every `similarity_every_steps`), WorkerError
+                                   (when asked, or every `similarity_every_steps`), WorkerError,
+                                   NothingTrained (a deterministic feed found nothing to train on)
     -> Stop                     <- Stopped
 The child exits when the pipe closes or its parent dies, and never writes a checkpoint after that.
 """
@@ -120,6 +121,14 @@ class Stopped:
 @dataclass
 class WorkerError:
     message: str
+
+
+@dataclass
+class NothingTrained:
+    """Deterministic mode: a feed asked for steps, but the buffer holds no sequence to train on
+    (no user with two events yet)."""
+
+    events_applied: int
 
 
 @dataclass
@@ -360,6 +369,8 @@ def worker_main(conn: Connection, niceness: int, parent_pid: int) -> None:
                         loop.measure_similarity()
                     if loop.steps:
                         loop.publish()
+                    elif message.steps:  # nothing to train on yet: say so, the service waits for an answer
+                        conn.send(NothingTrained(message.events_applied))
                 continue
             if message is not ...:
                 conn.send(WorkerError(f"unknown message {type(message).__name__}"))
@@ -387,7 +398,7 @@ def worker_main(conn: Connection, niceness: int, parent_pid: int) -> None:
             rest_until = time.perf_counter() + _IDLE_WAIT_S
 
 
-Reply = TrainedVersion | Similarity | WorkerError
+Reply = TrainedVersion | Similarity | WorkerError | NothingTrained
 
 
 class TrainingWorker:
@@ -461,8 +472,8 @@ class TrainingWorker:
         return replies
 
     def wait_version(self, timeout_s: float) -> list[Reply]:
-        """Block up to `timeout_s` until a TrainedVersion (or an error) arrives; returns every
-        message up to it."""
+        """Block up to `timeout_s` until the answer to a deterministic feed (a TrainedVersion,
+        NothingTrained or an error) arrives; returns every message up to it."""
         deadline = time.monotonic() + timeout_s
         replies: list[Reply] = []
         while True:
@@ -470,7 +481,7 @@ class TrainingWorker:
             if left <= 0:
                 return replies
             replies += self.poll(min(left, 1.0))
-            if any(isinstance(r, TrainedVersion | WorkerError) for r in replies):
+            if any(isinstance(r, TrainedVersion | WorkerError | NothingTrained) for r in replies):
                 return replies
 
     def close(self, timeout_s: float) -> list[Reply]:

@@ -87,12 +87,21 @@ def test_a_deterministic_feed_trains_exactly_its_steps_and_publishes_once() -> N
         quiet = worker.poll(1.0)
         worker.feed(feed(steps=3))
         second = [r for r in worker.wait_version(60) if isinstance(r, TrainedVersion)]
+        lonely = feed(steps=4, users=1)
+        fresh = TrainingWorker()
+        fresh.initialize(init(TrainerPlan(mode="deterministic")))
+        assert fresh.poll_ready(timeout_s=120)
+        lonely.items[:, :-1] = 0  # one event: no training position
+        fresh.feed(lonely)
+        answer = fresh.wait_version(60)
+        fresh.close(timeout_s=10)
     finally:
         worker.close(timeout_s=10)
     assert [(v.version, v.steps, v.steps_total) for v in first] == [(1, 7, 7)]
     assert quiet == []
     assert [(v.version, v.steps, v.steps_total) for v in second] == [(2, 3, 10)]
     assert first[0].alpha == {"pv": 0.5, "buy": 1.0} and first[0].events_applied == 1000
+    assert [type(a).__name__ for a in answer] == ["NothingTrained"]  # answered at once, not after the timeout
 
 
 PARENT = """
