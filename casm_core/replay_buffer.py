@@ -5,8 +5,11 @@ Rows are users' windows (left-padded item / behaviour indices [W]), keyed by use
 
 - **newest**: the windows of the `recent_capacity` most recently updated users (least recently
   updated evicted first): what the stream just taught.
-- **reservoir**: a uniform sample of every user ever added (Vitter's algorithm R over distinct
-  users, `reservoir_capacity` slots), each kept at its newest window: what must not be forgotten.
+- **reservoir**: a uniform sample of every user ever added, each kept at its newest window: what
+  must not be forgotten. A bottom-k sample: the `reservoir_capacity` users whose seeded hash of
+  the key is smallest. Whether a user is in it depends on the key alone, not on when or how
+  often the user was added, so a user fed again and again (an active one, or one added first by
+  the start-up seed) is no likelier to be kept than any other.
 
 `sample(n)` draws `round(n * recent_share)` rows from the newest pool and the rest from the
 reservoir, uniformly within each. Pure numpy; seeded.
@@ -14,6 +17,8 @@ reservoir, uniformly within each. Pure numpy; seeded.
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
@@ -47,8 +52,8 @@ class ReplayBuffer:
         self._recent = _Pool(recent_capacity, width)
         self._order: OrderedDict[Hashable, None] = OrderedDict()  # oldest update first
         self._reservoir = _Pool(reservoir_capacity, width)
-        self._slot_keys: list[Hashable] = []  # reservoir slot -> key
-        self.users_seen = 0  # distinct users offered to the reservoir
+        self._members: list[tuple[int, Hashable]] = []  # max-heap of (-priority, key) of the reservoir
+        self._salt = int(seed).to_bytes(8, "little", signed=True)
 
     def __len__(self) -> int:
         return len(self._reservoir)
@@ -58,15 +63,16 @@ class ReplayBuffer:
         """(rows in the newest pool, rows in the reservoir)."""
         return len(self._recent), len(self._reservoir)
 
-    def add(self, keys: Sequence[Hashable], items: np.ndarray, behaviours: np.ndarray) -> None:
+    def add(self, keys: Sequence[Hashable], items: np.ndarray, behaviours: np.ndarray, recent: bool = True) -> None:
         """The newest windows of users `keys`: items, behaviours [len(keys), W'] (W' is cut or
         left-padded to the buffer's width). Rows with fewer than two events are ignored (no
-        training position)."""
+        training position). `recent=False`: old windows (a start-up seed), reservoir only."""
         items, behaviours = self._fit(items), self._fit(behaviours)
         usable = (items != 0).sum(axis=1) >= 2
         for row in np.flatnonzero(usable).tolist():
             key = keys[row]
-            self._add_recent(key, items[row], behaviours[row])
+            if recent:
+                self._add_recent(key, items[row], behaviours[row])
             self._add_reservoir(key, items[row], behaviours[row])
 
     def _fit(self, array: np.ndarray) -> np.ndarray:
@@ -89,21 +95,23 @@ class ReplayBuffer:
         self._order.move_to_end(key)
         pool.write(slot, items, behaviours)
 
+    def _priority(self, key: Hashable) -> int:
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=8, salt=self._salt.ljust(16, b"\0")).digest()
+        return int.from_bytes(digest, "little")
+
     def _add_reservoir(self, key: Hashable, items: np.ndarray, behaviours: np.ndarray) -> None:
         pool = self._reservoir
         slot = pool.slots.get(key)
         if slot is None:
-            self.users_seen += 1
+            priority = self._priority(key)
             if len(pool) < pool.items.shape[0]:
                 slot = len(pool)
-                self._slot_keys.append(key)
+            elif priority < -self._members[0][0]:  # smaller than the largest kept: it takes that slot
+                _, evicted = heapq.heappop(self._members)
+                slot = pool.slots.pop(evicted)
             else:
-                j = int(self.rng.integers(self.users_seen))
-                if j >= pool.items.shape[0]:
-                    return
-                slot = j
-                del pool.slots[self._slot_keys[slot]]
-                self._slot_keys[slot] = key
+                return
+            heapq.heappush(self._members, (-priority, key))
             pool.slots[key] = slot
         pool.write(slot, items, behaviours)
 

@@ -49,6 +49,9 @@ from consumers.settings import DriftConfig
 
 log = logging.getLogger(__name__)
 
+ALPHA_TOLERANCE = 1e-3
+"""Smaller re-weightings are not made (nor recorded): they change no ranking measurably."""
+
 def make_detector(cfg: DriftConfig):
     """A fresh River detector as configured."""
     if cfg.detector == "adwin":
@@ -227,7 +230,7 @@ class GradientSimilarityPolicy(FixedPolicy):
             raw = min(max(alpha[self.target] * max(0.0, cosine), self.cfg.alpha_min), self.cfg.alpha_max)
             old = alpha[behaviour]
             new = old + self.cfg.gradient_smoothing * (raw - old)
-            if new != old:
+            if abs(new - old) >= ALPHA_TOLERANCE:  # no history rows for smoothing's last digits
                 changes.append(AlphaChange(behaviour, old, new, float(cosine), detection, "gradient"))
         return changes
 

@@ -276,7 +276,7 @@ class Service:
             self.trainer.collect()
             if self.cfg.has_model:  # the baselines never train
                 if self.trainer.round_due():
-                    self.publisher.wait_idle(self.cfg.worker_timeout_s)  # lists of the batch before, then train
+                    self._wait_publisher()  # lists of the batch before, then train
                     self.trainer.run_round(self._events_applied_total)
                 else:
                     self.trainer.maybe_feed(self._events_applied_total)
@@ -300,8 +300,14 @@ class Service:
             return []
         batch, self._held = self._held[:size], self._held[size:]
         # In lockstep with the publisher: every list reflects the batch before, whatever the speed.
-        self.publisher.wait_idle(self.cfg.worker_timeout_s)
+        self._wait_publisher()
         return batch
+
+    def _wait_publisher(self) -> None:
+        """Deterministic mode: wait until the publisher has sent every pending list."""
+        if not self.publisher.wait_idle(self.cfg.worker_timeout_s):
+            log.warning("the publisher did not finish within %.0f s (outputs undeliverable?): the lockstep "
+                        "of the deterministic mode is broken for this batch", self.cfg.worker_timeout_s)
 
     def _ingest(self, flat: list) -> None:
         """Decode, dead-letter, capture the signals of, and apply one batch of records."""
@@ -455,7 +461,10 @@ class Service:
             self.report.model_version = max(self.report.model_version, self.serving.version)
             self.report.trainer_errors = self.trainer.errors
             if self.signals is not None:
-                self.signals.persist()
+                try:
+                    self.signals.persist()
+                except Exception:  # noqa: BLE001 - the shutdown goes on; the newest periodic save stands
+                    log.exception("could not save the drift detectors' state")
                 self.report.events_scored = self.signals.events_scored
                 self.report.drift = list(self.signals.log)
             self.trainer.worker.close(timeout_s=CLOSE_TIMEOUT_S)

@@ -80,7 +80,7 @@ class ServeConfig(BaseModel):
         0.0, ge=0.0, description="Continuous mode: at most this many optimisation steps per second (0: no cap)."
     )
     publish_every_steps: int = Field(100, ge=1, description="Continuous mode: publish a version after this many steps ...")
-    publish_every_s: float = Field(5.0, gt=0, description="... or this many seconds of training, whichever comes first.")
+    publish_every_s: float = Field(5.0, gt=0, description="... or this many wall seconds after the previous version (with at least one step), whichever comes first.")
     feed_every_s: float = Field(
         0.5, gt=0, description="Send the newest windows of the users touched since the last feed to the "
         "trainer this often (continuous mode) ..."

@@ -89,7 +89,8 @@ class SignalWatch:
         """The detectors', conversion tracker's and policy's state, and the sampling RNG."""
         with self._lock:
             return pickle.dumps({"monitor": self.monitor, "rng": self.rng.bit_generator.state,
-                                 "events_scored": self.events_scored, "policy": self.cfg.policy})
+                                 "events_scored": self.events_scored, "policy": self.cfg.policy,
+                                 "detector": self.cfg.detector})
 
     def persist(self) -> None:
         """Save the state to the store (a restart resumes from it)."""
@@ -104,10 +105,14 @@ class SignalWatch:
         saved = self.store.component_state(STATE_NAME)
         if saved is None:
             return
-        state = pickle.loads(saved[0])  # noqa: S301 - our own store, written by persist()
-        if state.get("policy") != self.cfg.policy:
-            log.info("saved drift state is of policy %r, not %r: starting the detectors afresh",
-                     state.get("policy"), self.cfg.policy)
+        try:
+            state = pickle.loads(saved[0])  # noqa: S301 - our own store, written by persist()
+        except Exception as exc:  # noqa: BLE001 - e.g. written by another version: start afresh
+            log.warning("saved drift state could not be read (%s): starting the detectors afresh", exc)
+            return
+        if state.get("policy") != self.cfg.policy or state.get("detector") != self.cfg.detector:
+            log.info("saved drift state is of policy %r / detector %r, not %r / %r: starting afresh",
+                     state.get("policy"), state.get("detector"), self.cfg.policy, self.cfg.detector)
             return
         monitor: DriftMonitor = state["monitor"]
         monitor.cfg = monitor.detectors.cfg = self.cfg  # settings of this run (thresholds may change)

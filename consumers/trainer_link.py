@@ -8,6 +8,7 @@ Everything here runs on the ingest thread, except `request_similarity` (any thre
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,7 +81,7 @@ class TrainerLink:
         self.versions_adopted = 0
         self.errors = 0
         self.restarts = 0
-        self._similarity_wanted = False
+        self._similarity_wanted = threading.Event()  # set by the publisher thread, taken here
         self._touched: dict[str, None] = {}
         self._events_since_feed = 0
         self._fed_at = time.monotonic()
@@ -164,16 +165,26 @@ class TrainerLink:
 
     def request_similarity(self) -> None:
         """Ask for a gradient-similarity measurement with the next feed (any thread)."""
-        self._similarity_wanted = True
+        self._similarity_wanted.set()
 
-    def _feed(self, users: list[str], events_applied: int, steps: int | None) -> None:
+    def _feed(self, users: list[str], events_applied: int, steps: int | None) -> bool:
+        """Send the users' windows (and, to a fresh process, the store's seed); False when the
+        trainer is gone (it is restarted; ingestion goes on)."""
+        try:
+            self._feed_now(users, events_applied, steps)
+            return True
+        except RuntimeError as exc:
+            self._restart(str(exc))
+            return False
+
+    def _feed_now(self, users: list[str], events_applied: int, steps: int | None) -> None:
         width = self.settings.model.max_len + 1
         if not self._seeded:  # a fresh process: its reservoir starts from the store's users
             sample = self.store.sample_training_sequences(
                 self.cfg.replay_reservoir_users, seed=self.settings.train.seed, recent_fraction=0.0,
                 min_length=2, width=width)
             if len(sample):
-                self._send(sample.user_ids, sample.items, sample.behaviours, events_applied, None)
+                self._send(sample.user_ids, sample.items, sample.behaviours, events_applied, None, seed=True)
             self._seeded = True
         if users:
             sequences = self.store.sequences(users, width=width)
@@ -185,14 +196,16 @@ class TrainerLink:
         self._events_since_feed = 0
         self._fed_at = time.monotonic()
 
-    def _send(self, keys, items, behaviours, events_applied: int, steps: int | None) -> None:
+    def _send(self, keys, items, behaviours, events_applied: int, steps: int | None, seed: bool = False) -> None:
         item_ids = self.store.item_ids() if self.store.num_items() != self._item_count else None
         new_ids = item_ids[self._item_count :] if item_ids is not None else []
-        wanted, self._similarity_wanted = self._similarity_wanted, False
+        wanted = self._similarity_wanted.is_set() and not seed
+        if wanted:
+            self._similarity_wanted.clear()
         self.worker.feed(TrainingFeed(
             keys=list(keys), items=items, behaviours=behaviours, new_item_ids=new_ids,
             behaviour_names=self.store.behaviour_names(), alpha=self.alpha(),
-            events_applied=events_applied, steps=steps, measure_similarity=wanted,
+            events_applied=events_applied, steps=steps, measure_similarity=wanted, seed=seed,
         ))
         if item_ids is not None:
             self._item_count = len(item_ids)
@@ -225,7 +238,8 @@ class TrainerLink:
                 self._events_since_feed, self.cfg.deterministic_steps_per_1000_events, self._carried_steps)
         if events_applied < self.cfg.min_events_to_train:
             steps = 0
-        self._feed(list(self._touched), events_applied, steps)
+        if not self.worker.ready or not self._feed(list(self._touched), events_applied, steps):
+            return  # no trainer now: the round's events stay touched for the next one
         if steps:
             try:
                 self._handle(self.worker.wait_version(self.cfg.worker_timeout_s))

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # How long the child waits for a message when it has nothing to train on.
 _IDLE_WAIT_S = 0.5
+# Feeds waiting for the parent's sender thread before `feed` waits (bounded memory); the child's
+# reader drains the pipe continuously, so this fills only when the child is gone or starved.
+OUTBOX_FEEDS = 8
 
 
 @dataclass
@@ -100,6 +103,7 @@ class TrainingFeed:
     events_applied: int
     steps: int | None = None
     measure_similarity: bool = False
+    seed: bool = False  # the store's users at start-up: reservoir only, not the newest windows
 
 
 @dataclass
@@ -230,8 +234,8 @@ class _TrainerLoop:
     def apply_feed(self, feed: TrainingFeed) -> None:
         self.trainer.add_items(feed.new_item_ids)
         self.trainer.add_behaviours(feed.behaviour_names)
+        self.buffer.add(feed.keys, feed.items, feed.behaviours, recent=not feed.seed)
         self.trainer.set_alpha(feed.alpha)
-        self.buffer.add(feed.keys, feed.items, feed.behaviours)
         self.events_applied = feed.events_applied
         self.similarity_due |= feed.measure_similarity
 
@@ -362,6 +366,8 @@ def worker_main(conn: Connection, niceness: int, parent_pid: int) -> None:
             if isinstance(message, TrainingFeed):
                 loop.apply_feed(message)
                 if deterministic:
+                    if message.steps and loop.steps == 0:  # time the round's training, not the wait before it
+                        loop.version_started, loop.cpu_started = time.perf_counter(), time.process_time()
                     for _ in range(message.steps or 0):
                         if not loop.train_step():
                             break
@@ -403,8 +409,8 @@ Reply = TrainedVersion | Similarity | WorkerError | NothingTrained
 
 class TrainingWorker:
     """Parent-side handle of the trainer process. Never blocks the caller unless asked to: the
-    process starts in the background (`poll_ready`), `feed` sends data, `poll` returns what the
-    trainer sent since."""
+    process starts in the background (`poll_ready`), `feed` hands data to a sender thread (a feed
+    of several MB takes a while through the pipe), `poll` returns what the trainer sent since."""
 
     def __init__(self, niceness: int = 0) -> None:
         context = multiprocessing.get_context("spawn")
@@ -413,17 +419,38 @@ class TrainingWorker:
                                         name="casm-trainer", daemon=True)
         self._process.start()
         child.close()
-        self._send_lock = threading.Lock()
+        self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_FEEDS)
+        self._send_error: BaseException | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="casm-trainer-outbox", daemon=True)
+        self._sender.start()
         self.initialized = False
         self.ready = False
         self.initial_num_items = 0
         self.initial_weights: dict[str, np.ndarray] = {}
 
+    def _send_loop(self) -> None:
+        """Send queued messages in order; stops at None or when the pipe breaks."""
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            try:
+                self._conn.send(message)
+            except (OSError, EOFError, ValueError) as exc:  # ValueError: the connection was closed
+                self._send_error = exc
+                return
+
+    def _enqueue(self, message: Any) -> None:
+        if self._send_error is not None or not self._process.is_alive():
+            raise RuntimeError(f"the trainer process is gone (exit code {self._process.exitcode}, "
+                               f"last send error {self._send_error!r})")
+        self._outbox.put(message)
+
     def initialize(self, init: WorkerInit) -> None:
         """Tell the process how to build its trainer (once)."""
         if self.initialized:
             raise RuntimeError("the trainer process is initialized already")
-        self._conn.send(init)
+        self._enqueue(init)
         self.initialized = True
 
     def poll_ready(self, timeout_s: float = 0.0) -> bool:
@@ -451,10 +478,11 @@ class TrainingWorker:
         return self._process.is_alive()
 
     def feed(self, feed: TrainingFeed) -> None:
+        """Queue `feed` for the trainer (in order). Raises RuntimeError when the process is not
+        ready or gone."""
         if not self.ready:
             raise RuntimeError("the trainer process is not ready yet")
-        with self._send_lock:
-            self._conn.send(feed)
+        self._enqueue(feed)
 
     def poll(self, timeout_s: float = 0.0) -> list[Reply]:
         """What the trainer sent (waiting up to `timeout_s` for the first message). Raises
@@ -479,6 +507,7 @@ class TrainingWorker:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                log.warning("no answer from the trainer within %.0f s: the round goes on without its version", timeout_s)
                 return replies
             replies += self.poll(min(left, 1.0))
             if any(isinstance(r, TrainedVersion | WorkerError | NothingTrained) for r in replies):
@@ -489,21 +518,26 @@ class TrainingWorker:
         anything else it sent), then exits; terminated when it does not in time."""
         replies: list[Reply] = []
         try:
-            if self._process.is_alive() and self.ready:
-                with self._send_lock:
-                    self._conn.send(Stop())
+            if self._process.is_alive() and self.ready and self._send_error is None:
+                self._outbox.put(Stop(), timeout=timeout_s)  # after the feeds queued before it
                 deadline = time.monotonic() + timeout_s
                 while time.monotonic() < deadline and self._conn.poll(max(0.0, deadline - time.monotonic())):
                     reply = self._conn.recv()
                     if isinstance(reply, Stopped):
                         break
                     replies.append(reply)
-        except (BrokenPipeError, EOFError, OSError):
+        except (BrokenPipeError, EOFError, OSError, queue.Full):
             pass
+        if not self.ready:  # nothing to collect: the closed pipe tells the child to go
+            self._conn.close()
         self._process.join(timeout_s)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join(timeout_s)
+        try:
+            self._outbox.put_nowait(None)  # ends the sender thread
+        except queue.Full:
+            pass
         self._conn.close()
         return replies
 

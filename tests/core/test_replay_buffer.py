@@ -44,10 +44,28 @@ def test_reservoir_is_a_uniform_sample_of_every_user_seen() -> None:
             buffer.add(*rows(range(start, start + 50), width=4))
         items, _ = buffer.sample(100, recent_share=0.0)
         counts[items[:, -1] - 1] += 1
-    assert buffer.users_seen == 1000
-    # Each user kept with probability 0.1: early and late users alike (algorithm R).
+    # Each user kept with probability 0.1: early and late users alike.
     assert abs(counts[:500].mean() - counts[500:].mean()) < 1.0
     assert counts.mean() == pytest.approx(6.0)
+
+
+def test_a_user_fed_again_and_again_is_no_likelier_to_be_kept() -> None:
+    kept_active = 0
+    for seed in range(200):
+        buffer = ReplayBuffer(width=4, recent_capacity=1, reservoir_capacity=10, seed=seed)
+        for start in range(0, 100, 10):
+            buffer.add(*rows(range(start, start + 10), width=4))
+            buffer.add(*rows(range(0, 1), width=4))  # u0 comes back after every group
+        kept_active += "u0" in buffer._reservoir.slots
+    assert kept_active / 200 == pytest.approx(0.1, abs=0.06)  # 10 of 100 users kept, u0 too
+
+
+def test_a_seed_fills_only_the_reservoir() -> None:
+    buffer = ReplayBuffer(width=4, recent_capacity=5, reservoir_capacity=50, seed=0)
+    buffer.add(*rows(range(20), width=4), recent=False)
+    assert buffer.sizes == (0, 20)
+    buffer.add(*rows(range(30, 32), width=4))
+    assert buffer.sizes == (2, 22)
 
 
 def test_batches_mix_newest_and_reservoir_at_the_share() -> None:
