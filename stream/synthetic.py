@@ -223,6 +223,17 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
     taste_changes: list[tuple[int, np.ndarray, np.ndarray]] = []
     code = {"cart": CART, "fav": FAV, "buy": BUY}
 
+    def born(cluster: int, weight: float, index: int) -> int:
+        """A brand-new item of `cluster` with popularity `weight`, born at event `index`."""
+        item = len(item_cluster)
+        item_cluster.append(cluster)
+        popularity.append(weight)
+        birth.append(index)
+        cluster_items[cluster].append(item)
+        previous = cluster_cum[cluster][-1] if cluster_cum[cluster] else 0.0
+        cluster_cum[cluster].append(previous + weight)
+        return item
+
     def new_cluster(drift: DriftSpec, index: int) -> None:
         """A cluster of fresh items that takes `new_cluster_share` of every user's taste."""
         nonlocal taste, n_clusters
@@ -231,14 +242,7 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
         cluster_items.append([])
         cluster_cum.append([])
         for _ in range(int(drift.new_cluster_items)):
-            item = len(item_cluster)
-            weight = float(rng.lognormal(0.0, cfg.item_popularity_sigma))
-            item_cluster.append(cluster)
-            popularity.append(weight)
-            birth.append(index)
-            cluster_items[cluster].append(item)
-            previous = cluster_cum[cluster][-1] if cluster_cum[cluster] else 0.0
-            cluster_cum[cluster].append(previous + weight)
+            born(cluster, float(rng.lognormal(0.0, cfg.item_popularity_sigma)), index)
         share = drift.new_cluster_share
         taste = np.concatenate([taste * (1.0 - share), np.full((n_users, 1), share)], axis=1)
         taste_cum[:] = np.cumsum(taste, axis=1).tolist()
@@ -292,14 +296,7 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
             row = taste_cum[user]
             cluster = min(bisect.bisect_right(row, uniform() * row[-1]), n_clusters - 1)
             if uniform() < cfg.new_item_rate or not cluster_items[cluster]:
-                item = len(item_cluster)
-                weight = float(rng.lognormal(0.0, cfg.item_popularity_sigma)) * cfg.new_item_boost
-                item_cluster.append(cluster)
-                popularity.append(weight)
-                birth.append(index)
-                cluster_items[cluster].append(item)
-                previous = cluster_cum[cluster][-1] if cluster_cum[cluster] else 0.0
-                cluster_cum[cluster].append(previous + weight)
+                item = born(cluster, float(rng.lognormal(0.0, cfg.item_popularity_sigma)) * cfg.new_item_boost, index)
             else:
                 cum = cluster_cum[cluster]
                 position = min(bisect.bisect_right(cum, uniform() * cum[-1]), len(cum) - 1)

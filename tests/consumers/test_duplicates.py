@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pyarrow as pa
 
 from consumers.duplicates import content_hash, split_conflicts
 from consumers.service import open_store
 from consumers.settings import CasmSettings
 from stream.decode import DECODED_SCHEMA, EventValidator
-
-
-@dataclass
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
+from tests.stream.test_decode import Record  # one fake ConsumerRecord for the decoding tests
 
 
 def table(rows: list[tuple[str, str, int]], start: int = 0) -> pa.Table:
