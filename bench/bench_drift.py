@@ -35,11 +35,11 @@ from tqdm.auto import tqdm  # noqa: E402
 from casm_core.replay_buffer import ReplayBuffer  # noqa: E402
 from casm_core.scoring import Scorer  # noqa: E402
 from casm_core.trainer import Trainer  # noqa: E402
-from consumers.drift import DetectorBank, DriftMonitor  # noqa: E402
-from consumers.event_scoring import score_events  # noqa: E402
+from consumers.adapt.drift import DetectorBank, DriftMonitor  # noqa: E402
+from consumers.adapt.event_scoring import score_events  # noqa: E402
 from consumers.presets import load_settings  # noqa: E402
 from consumers.settings import CasmSettings, DriftConfig  # noqa: E402
-from consumers.training_worker import deterministic_steps  # noqa: E402
+from consumers.training.worker import deterministic_steps  # noqa: E402
 from stream.config import SyntheticConfig  # noqa: E402
 from stream.synthetic import generate  # noqa: E402
 

@@ -10,7 +10,7 @@
   out of range, reset them (recorded in its store), rebuild its producer, read the new log from the
   start and re-send the lists that were never acknowledged. Before producing the next chunk the
   bench waits until the service has reset every partition (a recreated log that has already grown
-  past the stored offset cannot be told from the old one: see consumers/offset_guard.py).
+  past the stored offset cannot be told from the old one: see consumers/serve/offset_guard.py).
 - kills: one broker; the events are produced at ``--rate`` while the service is SIGKILLed
   ``--kills`` times at random moments and started again.
 
@@ -40,7 +40,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from consumers.live import ServeProcess
+from consumers.evaluation.live import ServeProcess
 from consumers.settings import CasmSettings
 from stream.broker import EmbeddedBroker, free_port
 from stream.clients import make_producer, read_topic

@@ -28,7 +28,7 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import psutil
 
-from consumers.live import ServeProcess, run_live
+from consumers.evaluation.live import ServeProcess, run_live
 from consumers.settings import CasmSettings
 from stream.broker import EmbeddedBroker, free_port
 from stream.clients import make_consumer, make_producer, topic_partitions

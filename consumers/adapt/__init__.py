@@ -1,0 +1,1 @@
+"""Online adaptation: test-then-train signals, drift detection, alpha policies."""

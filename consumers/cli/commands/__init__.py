@@ -1,0 +1,1 @@
+"""The sub-commands of `casm`, one module each."""

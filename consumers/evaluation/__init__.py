@@ -1,0 +1,1 @@
+"""Evaluation: offline protocol runs, live replays through `casm serve`, reports."""

@@ -1,0 +1,1 @@
+"""`casm serve`: ingest, publish, deliver (the service loop and its parts)."""

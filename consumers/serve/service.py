@@ -1,0 +1,475 @@
+"""`casm serve`: events in on `behaviours`, fresh top-K out on `recommendations`, the model
+learning all the while.
+
+The ingest loop (this thread) owns the consumer and the writes of events to the state store:
+
+1. poll a batch of `behaviours`; decode and validate it (malformed messages go to the dead-letter
+   topic with their reason); capture the test-then-train view of the batch (`signals`); apply the
+   valid events *and the offsets consumed* to the store in one transaction. After a crash Kafka
+   redelivers from the store's offsets and the store drops what it already holds, so every event
+   counts exactly once.
+2. hand the touched users and the batch's signals to the publisher (`publisher`, its own thread):
+   it scores the users with the current model and publishes one `Recommendation` each, keyed by
+   user, carrying the model version and the newest event it reflects; it ranks the batch's events
+   and watches for drift.
+3. train: the trainer process (`training_worker`) gets the newest windows of the touched users
+   every `feed_every_s` / `feed_every_events`, trains within its CPU budget on a replay mix of
+   them and a reservoir of older users, and sends back model versions; each is swapped in
+   between two batches, registered (with the alpha it trained with) and checkpointed. Ingestion
+   never waits for training, except in the `deterministic` mode of evaluation runs, where a
+   round of a fixed number of steps follows every `deterministic_round_events` events.
+
+On SIGINT/SIGTERM the loop finishes the batch in hand, publishes what is pending, commits,
+collects the trainer's last version (each version is checkpointed) and closes. A restart finds users
+whose newest event has no published list in the store and refreshes them first.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from kafka.errors import OffsetOutOfRangeError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers.serve.duplicates import split_conflicts
+from consumers.serve.offset_guard import OffsetGuard
+from consumers.serve.publisher import Publisher
+from consumers.serve.serving_model import ServingModel
+from consumers.settings import CasmSettings
+from consumers.adapt.signals import SignalWatch
+from consumers.serve.telemetry import ServiceMetrics, TelemetryServer
+from consumers.training.link import TrainerLink
+from state.errors import InvalidEventError
+from state.store import StateStore
+from stream.clients import caught_up, commit_offsets, lag, make_consumer, make_producer
+from stream.deadletters import DeadLetterPublisher
+from stream.decode import EventValidator, decode_behaviours
+from stream.delivery import acknowledged_producer, wait_all
+
+log = logging.getLogger(__name__)
+
+# Closing after a failed start, and the trainer and producer at shutdown: the work that matters
+# (the trainer's last version, every pending output) was waited for before, with its own settings.
+CLOSE_AFTER_FAILED_START_S = 1.0
+CLOSE_TIMEOUT_S = 5.0
+
+
+def open_store(settings: CasmSettings, read_only: bool = False) -> StateStore:
+    """The state store configured by `settings`."""
+    return StateStore.from_config(
+        settings.store,
+        behaviours=settings.behaviours.names,
+        open_vocabulary=settings.events.open_vocabulary,
+        max_id_length=settings.events.max_id_length,
+        min_timestamp=settings.events.min_timestamp,
+        max_future_skew_s=settings.events.max_future_skew_s,
+        read_only=read_only,
+    )
+
+
+@dataclass
+class ServiceReport:
+    """What a run of the service did."""
+
+    events_applied: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    recommendations: int = 0
+    popularity_fallbacks: int = 0
+    model_version: int = 0
+    fine_tunes: int = 0
+    seconds: float = 0.0
+    stopped_by: str = ""
+    offsets: dict[str, int] = field(default_factory=dict)
+    events_scored: int = 0
+    alpha: dict[str, float] = field(default_factory=dict)
+    drift: list[dict[str, Any]] = field(default_factory=list)
+    training: list[dict[str, Any]] = field(default_factory=list)  # one row per model version
+    trainer_errors: int = 0
+
+
+class Service:
+    """The serving loop. Build it, then `run()`; `stop()` (or SIGINT/SIGTERM) ends it cleanly.
+    `step()` runs one iteration, with the publisher's work inline (for tests)."""
+
+    def __init__(self, settings: CasmSettings, bootstrap: str) -> None:
+        self.settings = settings
+        self.cfg = settings.serve
+        self.topics = settings.topics
+        self._stop = threading.Event()
+        self.stopped_by = ""
+        self.metrics = ServiceMetrics(self.cfg.metrics_rate_window_s)
+        self.report = ServiceReport()
+        self._alpha_lock = threading.Lock()
+        self.store: StateStore | None = None
+        self.trainer: TrainerLink | None = None
+        try:
+            if self.cfg.scoring_threads:
+                torch.set_num_threads(self.cfg.scoring_threads)
+            self.store = open_store(settings)
+            self.validator = EventValidator(
+                settings.events, None if settings.events.open_vocabulary else settings.behaviours.names
+            )
+            self._events_applied_total = self.store.stats()["events_applied"]
+            self._last_poll = self._last_records = self._retained_at = time.monotonic()
+            self._held: list = []  # deterministic mode: polled records not applied yet
+            self.serving = ServingModel(settings)
+            self.trainer = TrainerLink(settings, self.store, self.serving, self.metrics, self.current_alpha,
+                                       self._on_similarity)
+            version, self.alpha = self.trainer.initialize()
+            self.report.model_version = version
+            for name, value in self.alpha.items():
+                self.metrics.alpha.labels(name).set(value)
+            # Every produce is tracked to its acknowledgement (stream.delivery).
+            self.producer = acknowledged_producer(settings.kafka, bootstrap, make_producer)
+            self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
+            self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
+            self._held_back: str | None = None  # why the last batch was not applied
+            self._assigned: list[str] = []  # "topic[partition]" as of the last assignment (for /healthz)
+            self.signals = (
+                SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha,
+                            self.trainer.request_similarity)
+                if settings.drift.enabled else None
+            )
+            self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals)
+            self._requeue_unpublished()
+            # auto_offset_reset='none': the client never resets an out-of-range offset by itself.
+            self.consumer = make_consumer(settings.kafka, bootstrap, [self.topics.behaviours],
+                                          on_assign=self._on_assign, auto_offset_reset="none")
+            self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
+            self.telemetry: TelemetryServer | None = None
+            if self.cfg.metrics_port is not None:
+                self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port)
+        except BaseException:
+            if self.trainer is not None:
+                self.trainer.worker.close(timeout_s=CLOSE_AFTER_FAILED_START_S)
+            if getattr(self, "producer", None) is not None:
+                self.producer.close(0)
+            if self.store is not None:
+                self.store.close()
+            raise
+
+    # ------------------------------------------------------------------------------ start-up
+    def _requeue_unpublished(self) -> None:
+        """Users whose newest applied event has no published recommendation yet (the process
+        stopped between applying and publishing) are refreshed first."""
+        users = self.store.user_ids()
+        if not users:
+            return
+        newest = self.store.sequences(users, width=1).last_offset
+        published = self.store.last_published(users)
+        def reflected(user: str) -> int:
+            offset = published.get(user, {}).get("event_offset")
+            return -1 if offset is None else offset
+
+        # != rather than <: after an offset reset (kafka.offset_out_of_range = reset-earliest) a
+        # user's newest event can have a lower offset than the list published before the reset.
+        behind = [user for user, offset in zip(users, newest.tolist(), strict=True) if reflected(user) != offset]
+        if behind:
+            log.info("%d users have applied events without a published recommendation: refreshing them", len(behind))
+            self.publisher.touch(behind, time.monotonic())
+
+    def _on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        stored = {}
+        for tp in partitions:
+            offset = self.store.offsets(tp.topic).get(tp.partition)
+            if offset is not None:
+                stored[tp] = offset
+        self.offset_guard.assigned(partitions)
+        self._assigned = sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+        log.info("assigned %s; resuming at stored offsets %s",
+                 [f"{tp.topic}[{tp.partition}]" for tp in partitions],
+                 {f"{tp.topic}[{tp.partition}]": o for tp, o in stored.items()})
+        return stored
+
+    # ---------------------------------------------------------------------------- the loop
+    def stop(self, reason: str = "stop()") -> None:
+        """Ask the loop to finish the batch in hand and shut down."""
+        if not self._stop.is_set():
+            self.stopped_by = reason
+            self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self.stop(signal.Signals(signum).name))
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        age = time.monotonic() - self._last_poll
+        delivering, delivery = self.producer.health()
+        problems = list(self.offset_guard.problems)
+        if not delivering:
+            problems.append(delivery)
+        if self._held_back:
+            problems.append(self._held_back)
+        ok = age < self.cfg.health_max_poll_age_s and self.publisher.error is None and not problems
+        return ok, {
+            "status": "ok" if ok else "unhealthy",
+            "problems": problems,
+            "delivering": delivering,
+            "last_poll_age_s": round(age, 3),
+            "trainer_alive": self.trainer.worker.alive,
+            "trainer_ready": self.trainer.worker.ready,
+            "trainer_restarts": self.trainer.restarts,
+            "publisher_ok": self.publisher.error is None,
+            "model_version": self.serving.version,
+            # The loop's copy: kafka-python's consumer is not thread-safe, and this runs on the HTTP thread.
+            "assigned": list(self._assigned),
+        }
+
+    def idle_s(self) -> float | None:
+        """Seconds since the last record arrived, once partitions are assigned and read up to
+        their high watermark and nothing is left to publish; None before that."""
+        if (not self.consumer.assignment() or not caught_up(self.consumer) or self.publisher.pending or self._held
+                or self.offset_guard.stopped or self.producer.backlog):
+            return None
+        return time.monotonic() - self._last_records
+
+    def run(self, until: Callable[[Service], bool] | None = None) -> ServiceReport:
+        """Serve until stopped (or until `until(self)` is true, checked after every iteration)."""
+        started = time.monotonic()
+        if self.telemetry:
+            self.telemetry.start()
+        self.publisher.start()
+        try:
+            if self.trainer.deterministic and not self.trainer.ready(wait_s=self.cfg.worker_timeout_s):
+                raise RuntimeError(f"trainer process not ready within {self.cfg.worker_timeout_s} s")
+            while not self._stop.is_set():
+                self.step()
+                if until is not None and until(self):
+                    self.stop("until")
+        finally:
+            self._shutdown()
+            self.report.seconds = time.monotonic() - started
+            self.report.stopped_by = self.stopped_by
+        return self.report
+
+    def step(self) -> None:
+        """One iteration: ingest a batch, swap in a trained model, feed the trainer (and, when the
+        publisher has no thread of its own, do its work)."""
+        if self.publisher.error is not None:
+            raise RuntimeError("the publisher thread failed") from self.publisher.error
+        try:
+            records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.settings.kafka.max_poll_records)
+        except OffsetOutOfRangeError as exc:
+            self.offset_guard.on_error(exc)
+            records = {}
+        self.offset_guard.check()
+        self._last_poll = time.monotonic()
+        flat = [record for batch in records.values() for record in batch]
+        if flat:
+            self._last_records = self._last_poll
+        if self.trainer.deterministic:
+            flat = self._fixed_batch(flat)
+        if flat:
+            self._ingest(flat)
+        if self.publisher._thread is None:
+            self.publisher.work()
+        if self.trainer.ready():
+            self.trainer.collect()
+            if self.cfg.has_model:  # the baselines never train
+                if self.trainer.round_due():
+                    self._wait_publisher()  # lists of the batch before, then train
+                    self.trainer.run_round(self._events_applied_total)
+                else:
+                    self.trainer.maybe_feed(self._events_applied_total)
+        self._update_lag()
+        if self.signals is not None:
+            self.signals.maybe_persist()
+        if time.monotonic() - self._retained_at >= self.cfg.retain_every_s:
+            self._retained_at = time.monotonic()
+            if trimmed := self.store.retain():
+                log.info("retention trimmed %d applied events", trimmed)
+
+    def _fixed_batch(self, polled: list) -> list:
+        """Deterministic mode: batches of exactly `kafka.max_poll_records` records, cut where a
+        training round is due (fewer only when the partitions are read to their end), so that
+        what each batch holds does not depend on how the broker's fetches fell."""
+        self._held.extend(polled)
+        size = self.settings.kafka.max_poll_records
+        if self.cfg.has_model:
+            size = max(1, min(size, self.trainer.events_until_round()))
+        if len(self._held) < size and not (self._held and caught_up(self.consumer)):
+            return []
+        batch, self._held = self._held[:size], self._held[size:]
+        # In lockstep with the publisher: every list reflects the batch before, whatever the speed.
+        self._wait_publisher()
+        return batch
+
+    def _wait_publisher(self) -> None:
+        """Deterministic mode: wait until the publisher has sent every pending list."""
+        if not self.publisher.wait_idle(self.cfg.worker_timeout_s):
+            log.warning("the publisher did not finish within %.0f s (outputs undeliverable?): the lockstep "
+                        "of the deterministic mode is broken for this batch", self.cfg.worker_timeout_s)
+
+    def _ingest(self, flat: list) -> None:
+        """Decode, dead-letter, capture the signals of, and apply one batch of records."""
+        started = time.perf_counter()
+        events, dead = decode_behaviours(flat, self.validator)
+        events, conflicts = split_conflicts(events, self.store, self.store.offsets(self.topics.behaviours), flat,
+                                            self.validator)
+        if not self._deliver_dead_letters(dead + conflicts, flat):
+            return  # held back: read again, nothing applied
+        if conflicts:
+            self.metrics.conflicting_duplicates.inc(len(conflicts))
+        offsets: dict[tuple[str, int], int] = {}
+        for record in flat:  # a partition's records are in offset order
+            offsets[(record.topic, record.partition)] = record.offset + 1
+        job = None
+        if self.signals is not None:
+            version, scorer = self.serving.current
+            job = self.signals.prepare(
+                events, self._not_yet_applied(events),
+                scorer if self.cfg.has_model else None, version, self._events_applied_total,
+            )
+        result, refused = self._apply(events, offsets, flat)
+        if refused and not self._deliver_dead_letters(refused, None):
+            log.error("%d dead letters of rows the store refused were not acknowledged", len(refused))
+        self.publisher.touch(result.touched_users, time.monotonic())
+        if job is not None:
+            self.publisher.submit(job)
+        self.trainer.touched(result.touched_users, result.applied)
+        self._events_applied_total += result.applied
+        self.report.events_applied += result.applied
+        self.report.duplicates += result.duplicates
+        self.metrics.count_applied(result.applied)
+        if result.duplicates:
+            self.metrics.duplicates.inc(result.duplicates)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        # Kafka's committed offsets are informational (monitoring tools); the store is the truth.
+        self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+
+    def _deliver_dead_letters(self, dead: list, flat: list | None) -> bool:
+        """Send `dead` and wait for the broker's acknowledgements (``kafka.dead_letter_ack_timeout_s``);
+        count them once acknowledged. When one is not and `flat` (the batch's records) is given, the
+        batch is held back: each of its partitions is sought back to the batch's first record there,
+        so nothing of it is applied and it is read (and its dead letters sent) again."""
+        if not dead:
+            self._held_back = None
+            return True
+        if wait_all(self.dead_letters.publish(dead), self.settings.kafka.dead_letter_ack_timeout_s):
+            for letter in dead:
+                self.metrics.dead_letters.labels(letter.kind).inc()
+            self.report.dead_letters += len(dead)
+            self._held_back = None
+            return True
+        if flat is None:
+            return False
+        self._held_back = (f"dead letters cannot be delivered to {self.topics.dead_letters}: a batch of "
+                           f"{len(flat)} records is held back and read again")
+        log.warning("%s", self._held_back)
+        self.metrics.dead_letter_holds.inc()
+        first: dict[TopicPartition, int] = {}
+        for record in [*flat, *self._held]:  # deterministic mode holds later records: read them again too
+            first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
+        self._held = []
+        for tp, offset in first.items():
+            self.consumer.seek(tp, offset)
+        return False
+
+    def _apply(self, events, offsets, records: list) -> tuple:
+        """Apply the batch; rows the store refuses although the decoder passed them (its rules
+        are the same settings, so this should not happen) become dead letters, and the rest is
+        applied, rather than the loop stopping on them."""
+        try:
+            return self.store.apply(events, offsets), []
+        except InvalidEventError as exc:
+            if exc.rows.size == 0:
+                raise
+            by_position = {(r.partition, r.offset): r for r in records}
+            partitions, positions = events.column("partition").to_pylist(), events.column("offset").to_pylist()
+            refused = [
+                self.validator.dead_letter(by_position[(partitions[row], positions[row])], "invalid_event",
+                                           f"refused by the state store: {reason}")
+                for row, reason in zip(exc.rows.tolist(), exc.reasons, strict=True)
+            ]
+            log.warning("the state store refused %d events the decoder accepted: %s", len(refused), exc)
+            keep = np.ones(events.num_rows, dtype=bool)
+            keep[exc.rows] = False
+            return self.store.apply(events.filter(keep), offsets), refused
+
+    def _not_yet_applied(self, events) -> np.ndarray:
+        """Rows of `events` whose offset the store has not consumed (redeliveries are not)."""
+        if events.num_rows == 0:
+            return np.zeros(0, dtype=np.int64)
+        stored = self.store.offsets(self.topics.behaviours)
+        partitions = events.column("partition").to_numpy()
+        next_offsets = np.array([stored.get(int(p), 0) for p in range(int(partitions.max()) + 1)])
+        return np.flatnonzero(events.column("offset").to_numpy() >= next_offsets[partitions])
+
+    # ----------------------------------------------------------------------------- alpha
+    def _on_similarity(self, similarity) -> None:
+        """Gradient similarities from the trainer go to the drift policy."""
+        if self.signals is not None:
+            self.signals.on_similarity(similarity)
+
+    def current_alpha(self) -> dict[str, float]:
+        """A copy of the alpha the next fine-tuning round uses (any thread)."""
+        with self._alpha_lock:
+            return dict(self.alpha)
+
+    def set_alpha(self, alpha: dict[str, float], reason: str) -> dict[str, float]:
+        """Use `alpha` from the next fine-tuning round on; recorded in the store's alpha history
+        (any thread)."""
+        with self._alpha_lock:
+            old = dict(self.alpha)
+            self.alpha = {**self.alpha, **alpha}
+            current = dict(self.alpha)
+        self.store.record_alpha(time.time(), current, reason)
+        for name, value in alpha.items():
+            self.metrics.alpha.labels(name).set(value)
+            if old.get(name) != value:
+                self.metrics.alpha_changes.labels(name).inc()
+        return old
+
+    # --------------------------------------------------------------------------- the rest
+    def _update_lag(self) -> None:
+        for tp, behind in lag(self.consumer).items():
+            if behind is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(behind)
+
+    def _shutdown(self) -> None:
+        log.info("shutting down (%s): publishing %d pending users and batches", self.stopped_by or "error",
+                 self.publisher.pending)
+        try:
+            self.publisher.close(timeout_s=self.cfg.worker_timeout_s)
+            if not self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000):
+                log.warning("%d records were not acknowledged before shutdown (lists among them are sent "
+                            "again at the next start)", self.producer.backlog)
+            assigned = self.consumer.assignment()
+            try:
+                commit_offsets(self.consumer, {
+                    TopicPartition(t, p): o for (t, p), o in self.store.all_offsets().items() if TopicPartition(t, p) in assigned
+                })
+            except Exception as exc:  # noqa: BLE001 - informational commit only
+                log.debug("final commit failed: %s", exc)
+            self.trainer.close()  # its last version is adopted and checkpointed
+        finally:
+            self.report.offsets = {f"{t}[{p}]": o for (t, p), o in self.store.all_offsets().items()}
+            self.report.alpha = self.current_alpha()
+            self.report.recommendations = self.publisher.recommendations
+            self.report.popularity_fallbacks = self.publisher.popularity_fallbacks
+            self.report.training = list(self.trainer.training_log)
+            self.report.fine_tunes = self.trainer.versions_adopted
+            self.report.model_version = max(self.report.model_version, self.serving.version)
+            self.report.trainer_errors = self.trainer.errors
+            if self.signals is not None:
+                try:
+                    self.signals.persist()
+                except Exception:  # noqa: BLE001 - the shutdown goes on; the newest periodic save stands
+                    log.exception("could not save the drift detectors' state")
+                self.report.events_scored = self.signals.events_scored
+                self.report.drift = list(self.signals.log)
+            self.trainer.worker.close(timeout_s=CLOSE_TIMEOUT_S)
+            self.consumer.close()
+            self.producer.close(timeout=CLOSE_TIMEOUT_S)
+            self.store.close()
+            if self.telemetry:
+                self.telemetry.stop()

@@ -1,0 +1,1 @@
+"""The trainer process and the service's link to it."""
