@@ -76,6 +76,23 @@ class SelfAttentionBlock(nn.Module):
         x = (x + self.attention_dropout(self.attention_out(attended))) * keep
         return (x + self.ffn(self.ffn_norm(x))) * keep
 
+    def forward_last(self, x: torch.Tensor, attend: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """`forward`'s output at the last position only, [B, 1, d], for inference (no dropout):
+        keys and values of every position, the query, attention and FFN of the last. x: [B, W, d];
+        attend: bool [B, 1, 1, W] (the last query's row); keep: float [B, 1, 1]."""
+        batch, width, dim = x.shape
+        normed = self.attention_norm(x)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        k, v = F.linear(normed, weight[dim:], bias[dim:]).chunk(2, dim=-1)
+        q = F.linear(normed[:, -1:], weight[:dim], bias[:dim])
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, t.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=attend)
+        last = (x[:, -1:] + self.attention_out(attended.transpose(1, 2).reshape(batch, 1, dim))) * keep
+        return (last + self.ffn(self.ffn_norm(last))) * keep
+
 
 class BehaviourMaskedBlock(SelfAttentionBlock):
     """HMAR's behaviour-masked attention: per behaviour b, causal attention restricted to keys of
@@ -210,9 +227,10 @@ class CASM(nn.Module):
             return embedded
         return self.fuse(torch.cat([embedded, self.context_embedding(behaviours)], dim=-1))
 
-    def encode(self, items: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, behaviours: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Causal representations [B, W, d] of left-padded sequences items/behaviours [B, W].
-        Position t sees events 0..t only; padded positions come out as zeros."""
+        Position t sees events 0..t only; padded positions come out as zeros. `last_only`
+        (inference: no dropout in the last block) returns the last position's only, [B, 1, d]."""
         width = items.shape[1]
         if width > self.cfg.max_len:
             raise ValueError(f"sequence width {width} exceeds max_len {self.cfg.max_len}")
@@ -228,13 +246,20 @@ class CASM(nn.Module):
         attend = causal & (real[:, None, None, :] | self_loop)  # [B, 1, W, W]
         if self.behaviour_block is not None:
             x = self.behaviour_block(x, causal & real[:, None, None, :], keep, behaviours)
+        if last_only:
+            for block in self.blocks[:-1]:
+                x = block(x, attend, keep)
+            x = self.blocks[-1].forward_last(x, attend[:, :, -1:, :], keep[:, -1:])
+            return self.final_norm(x) * keep[:, -1:]
         for block in self.blocks:
             x = block(x, attend, keep)
         return self.final_norm(x) * keep
 
     def user_representation(self, items: torch.Tensor, behaviours: torch.Tensor) -> torch.Tensor:
-        """Representation [B, d] of each sequence after its newest event (last column)."""
-        return self.encode(items, behaviours)[:, -1, :]
+        """Representation [B, d] of each sequence after its newest event (last column). In eval
+        mode the last block runs for the last position only (the same numbers, a third less work
+        at two blocks: what the serving path pays per refreshed user)."""
+        return self.encode(items, behaviours, last_only=not self.training and len(self.blocks) > 0)[:, -1, :]
 
     def query(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The vector candidates are scored against: representations hidden [..., d] conditioned

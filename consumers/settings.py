@@ -32,6 +32,14 @@ class ServeConfig(BaseModel):
         "included, and have no model (no training, no test-then-train ranks)."
     )
     poll_timeout_ms: int = Field(50, ge=1, description="Longest wait of one consumer poll.")
+    apply_queue_batches: int = Field(
+        4, ge=0, description="Decoded polls queued between the polling and the applying thread (backpressure "
+        "beyond); 0 applies on the polling thread. The deterministic training mode always applies inline."
+    )
+    apply_max_events: int = Field(
+        20_000, ge=1, description="Events of queued polls applied in one store transaction at most (under a "
+        "backlog the transaction's cost is spread over them)."
+    )
     top_k: int = Field(10, ge=1, description="Items K per published recommendation.")
     exclude_behaviours: list[str] = Field(
         default_factory=list,
@@ -221,6 +229,12 @@ class DriftConfig(BaseModel):
     score_other_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="Share of non-target events ranked test-then-train (every target "
         "event is): each costs a pass of the model."
+    )
+    user_share: float = Field(
+        0.2, gt=0.0, le=1.0, description="Share of users whose events feed the test-then-train signals and the "
+        "detectors, chosen by a hash of the user id seeded by `seed` (a user is in or out for good, so funnels "
+        "stay whole and reruns agree). Each scored event costs a pass of the model on the publisher's thread; "
+        "1 watches every user (evaluation runs use 1: their test-then-train hit rate is over every target event)."
     )
     score_chunk_events: int = Field(
         256, ge=1, description="Events scored against every item at once (memory: this x items floats)."

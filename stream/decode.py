@@ -52,12 +52,6 @@ only shrink). So a context inside a message of n bytes re-serializes to at most 
 context size check is skipped for messages with 5 n <= max_context_bytes."""
 
 
-DUPLICATE_KEY_HINTS = (b"\\u", b'"context"')
-"""Messages holding any of these (an escaped character, which could spell a key another way, or
-the free-form context) get the full duplicate-key check; the others only the cheap one: a count of
-each field name."""
-
-
 class _DuplicateKey(ValueError):
     pass
 
@@ -71,21 +65,41 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def duplicate_key(value: bytes, field_names: Sequence[bytes]) -> str | None:
-    """The first key that occurs twice in one JSON object of `value` (UTF-8 JSON), or None.
-
-    Such JSON is ambiguous (RFC 8259: parsers differ on which value counts), so it is rejected
-    rather than read "last key wins". Cheap for ordinary events: the full parse runs only when a
-    field name (``b'"user_id"'``...) occurs twice or the message has an escape or a context."""
-    if not any(value.count(name) > 1 for name in field_names) and not any(h in value for h in DUPLICATE_KEY_HINTS):
-        return None
+def duplicate_key(value: bytes) -> str | None:
+    """The first key that occurs twice in one JSON object of `value` (UTF-8 JSON), or None (also
+    for text that is not JSON: the validator says why). Such JSON is ambiguous (RFC 8259: parsers
+    differ on which value counts), so it is rejected rather than read "last key wins". A full
+    parse: `EventValidator.parse` runs it only when the cheap count (`string_tokens`) cannot
+    rule a repeat out."""
     try:
         json.loads(value, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         return str(exc)
-    except ValueError:  # not JSON: the validator says why
+    except ValueError:
         return None
     return None
+
+
+def repeats_a_key(value: bytes, names: Sequence[bytes], context: Any) -> bool:
+    """Whether `value` might hold a key twice, from cheap counts: a key that occurs twice in one
+    object occurs twice as ``"key"`` in a text without backslashes, so counting each key of the
+    parsed event (`names`: its top-level field names, quoted; and every key of `context`, at any
+    depth) rules a repeat out when each count is 1. A count above 1 (a value that spells a key,
+    or the same key in two objects) or any backslash (an escape can spell a key another way)
+    only asks for the full check (`duplicate_key`)."""
+    if b"\\" in value or any(value.count(name) > 1 for name in names):
+        return True
+    return context is not None and _context_repeats(value, context)
+
+
+def _context_repeats(value: bytes, node: Any) -> bool:
+    if isinstance(node, dict):
+        for key, child in node.items():
+            if value.count(b'"' + key.encode() + b'"') > 1 or _context_repeats(value, child):
+                return True
+    elif isinstance(node, list):
+        return any(_context_repeats(value, child) for child in node)
+    return False
 
 
 def sha256_hex(data: bytes) -> str:
@@ -152,8 +166,8 @@ class EventValidator:
         self.max_message_bytes = self.limits.max_message_bytes
         self.max_context_bytes = self.limits.max_context_bytes
         self.context_check_from = self.limits.max_context_bytes // JSON_INFLATION_BOUND
-        self.max_future_skew_s = self.limits.max_future_skew_s
         self.field_names = tuple(f'"{name}"'.encode() for name in self.model.model_fields)
+        self.max_future_skew_s = self.limits.max_future_skew_s
 
     def latest_allowed(self, now: float | None = None) -> float:
         """The latest event time accepted at wall-clock time `now` (unix s)."""
@@ -169,7 +183,7 @@ class EventValidator:
                 "too_large", f"message is {len(value)} bytes, more than the limit of {self.max_message_bytes}"
             )
         event = self._validate_json(value)
-        repeated = duplicate_key(value, self.field_names)
+        repeated = duplicate_key(value) if repeats_a_key(value, self.field_names, event.context) else None
         if repeated is not None:
             raise EventRejected("duplicate_key", f"the key {repeated!r} occurs twice in one object: "
                                 "ambiguous JSON is not accepted (send each key once)")

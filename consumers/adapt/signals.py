@@ -10,6 +10,7 @@ metrics, logged).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -32,6 +33,9 @@ from state.store import StateStore
 log = logging.getLogger(__name__)
 
 SetAlpha = Callable[[dict[str, float], str], dict[str, float]]
+
+WATCHED_CACHE_USERS = 200_000
+"""Users whose sample membership is remembered (about 30 MB at most); the cache starts afresh past it."""
 
 STATE_NAME = "drift_monitor"
 """The store's `component_state` name of the detectors' and the policy's saved state."""
@@ -76,6 +80,9 @@ class SignalWatch:
         self.alpha = alpha
         self.request_similarity = request_similarity
         self.monitor = DriftMonitor(self.cfg, settings.behaviours.target)
+        self._watched_users: dict[str, bool] = {}
+        self._excluded: list[int] | None = None
+        self._hash_key = self.cfg.seed.to_bytes(8, "little", signed=True)
         self.rng = np.random.default_rng(self.cfg.seed)
         self.events_scored = 0
         self.events_applied = 0  # as of the newest batch watched
@@ -133,9 +140,36 @@ class SignalWatch:
         for change in changes:
             self._reweighted(change, similarity.events_applied)
 
+    def watched(self, users: list[str]) -> np.ndarray:
+        """Whether each of `users` is in the `drift.user_share` sample (bool [n]): a hash of the id
+        seeded by `drift.seed`, so a user is in or out for good and reruns agree."""
+        share, cache = self.cfg.user_share, self._watched_users
+        if share >= 1.0:
+            return np.ones(len(users), dtype=bool)
+        if len(cache) > WATCHED_CACHE_USERS:
+            cache.clear()
+        key = self._hash_key
+        out = np.empty(len(users), dtype=bool)
+        for i, user in enumerate(users):
+            inside = cache.get(user)
+            if inside is None:
+                digest = hashlib.blake2b(user.encode(), digest_size=8, key=key).digest()
+                inside = cache[user] = int.from_bytes(digest, "little") < share * 2.0**64
+            out[i] = inside
+        return out
+
     def prepare(self, events: pa.Table, rows: np.ndarray, scorer: Scorer | None, version: int,
                 events_applied: int) -> SignalJob:
-        """Capture the batch's view before it is applied (ingest thread)."""
+        """Capture the batch's view before it is applied (ingest thread): the rows of the watched
+        users (`watched`), all of them, so that each user's earlier events of the batch are in
+        the windows its later ones are ranked after."""
+        if self.cfg.user_share < 1.0 and events.num_rows:
+            keep = np.flatnonzero(self.watched(events.column("user_id").to_pylist()))
+            position = np.full(events.num_rows, -1, dtype=np.int64)
+            position[keep] = np.arange(keep.size)
+            rows = position[rows]
+            rows = rows[rows >= 0]
+            events = events.take(pa.array(keep))
         behaviours = events.column("behavior").to_pylist()
         target = self.settings.behaviours.target
         scored = np.zeros(0, dtype=np.int64)
@@ -175,9 +209,16 @@ class SignalWatch:
         self._watch(job, scores)
 
     def _excluded_behaviours(self) -> list[int]:
-        """Indices of `serve.exclude_behaviours`: the full ranks leave their items out, as the lists do."""
+        """Indices of `serve.exclude_behaviours`: the full ranks leave their items out, as the lists do
+        (kept once every name is known: indices never change)."""
+        wanted = self.settings.serve.exclude_behaviours
+        if self._excluded is not None:
+            return self._excluded
         names = self.store.behaviour_names()
-        return [names.index(b) + 1 for b in self.settings.serve.exclude_behaviours if b in names]
+        found = [names.index(b) + 1 for b in wanted if b in names]
+        if len(found) == len(wanted):
+            self._excluded = found
+        return found
 
     def _publish(self, job: SignalJob, scores: EventScores) -> None:
         """One message per batch (columns as JSON arrays): one per event would cost a produce each."""

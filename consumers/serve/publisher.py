@@ -35,6 +35,9 @@ from stream.delivery import AcknowledgedProducer
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.5
+"""Longest sleep of an idle publisher thread between checks (each is woken by new work anyway)."""
+
 
 def recommendation_json(
     user: str,
@@ -100,7 +103,8 @@ class Publisher:
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, float] = OrderedDict()  # user -> when it became pending
         self._jobs: deque[SignalJob] = deque()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # refreshes users
+        self._signal_thread: threading.Thread | None = None  # processes signal jobs
         self._closing = False
         self._working = 0  # batches or jobs taken but not finished
         self.error: BaseException | None = None
@@ -152,9 +156,17 @@ class Publisher:
 
     # ------------------------------------------------------------------------- the work
     def start(self) -> None:
-        """Work on a thread of its own from now on."""
+        """Work on threads of its own from now on: one refreshes users, one processes signal jobs
+        (so that a backlog of users to refresh never holds the jobs, and with them ingestion, back)."""
         self._thread = threading.Thread(target=self._loop, name="casm-publisher", daemon=True)
+        self._signal_thread = threading.Thread(target=self._signal_loop, name="casm-signals", daemon=True)
         self._thread.start()
+        self._signal_thread.start()
+
+    @property
+    def threaded(self) -> bool:
+        """Whether the publisher works on its own threads (else the caller runs `work`)."""
+        return self._thread is not None
 
     def _users_due_in(self) -> float:
         """Seconds until the pending users are due (0: now; inf: none). Caller holds the lock."""
@@ -165,15 +177,24 @@ class Publisher:
         oldest = next(iter(self._pending.values()))
         return max(0.0, oldest + self.cfg.refresh_max_delay_ms / 1000.0 - time.monotonic())
 
+    def _failed(self, exc: BaseException, what: str) -> None:
+        log.exception("%s failed", what)
+        self.error = exc
+        with self._cond:
+            self._cond.notify_all()
+
     def _loop(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._closing and not self._jobs and self._users_due_in() > 0:
-                        self._cond.wait(min(self._users_due_in(), 0.5))
-                    if self._closing and not self._jobs and not self._pending:
+                    while not self._closing and self._users_due_in() > 0:
+                        self._cond.wait(min(self._users_due_in(), IDLE_WAIT_S))
+                    if self._closing and not self._pending:
                         return
-                self.work(force=self._closing)
+                while self._refresh(force=self._closing):
+                    pass
+                if time.monotonic() - self._recorded_at >= self.cfg.published_record_every_s:
+                    self.record_published()
                 if self._pending and not self.delivering():
                     if self._closing:
                         log.warning("closing with %d users unpublished: outputs cannot be delivered "
@@ -182,36 +203,62 @@ class Publisher:
                     with self._cond:  # wait for the producer's retries to find the broker again
                         self._cond.wait(self.settings.kafka.delivery_backoff_ms / 1000.0)
         except BaseException as exc:  # noqa: BLE001 - reported to the ingest thread, which stops
-            log.exception("publisher failed")
-            self.error = exc
+            self._failed(exc, "publisher")
+
+    def _signal_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._jobs:
+                        self._cond.wait(IDLE_WAIT_S)
+                    if self._closing and not self._jobs:
+                        return
+                self._process_job()
+        except BaseException as exc:  # noqa: BLE001 - reported to the ingest thread, which stops
+            self._failed(exc, "signal processing")
+
+    def _refresh(self, force: bool) -> bool:
+        """Refresh one micro-batch of the users that are due (any pending with `force`); False
+        when there was none."""
+        delivering = self.delivering()
+        with self._cond:
+            if not (self._pending and delivering and (force or self._users_due_in() <= 0)):
+                return False
+            count = min(self.cfg.refresh_max_users, len(self._pending))
+            batch = [self._pending.popitem(last=False) for _ in range(count)]
+            self._working += 1
+            self._cond.notify_all()
+        try:
+            self._publish([u for u, _ in batch], [t for _, t in batch])
+        finally:
             with self._cond:
+                self._working -= 1
                 self._cond.notify_all()
+        return True
+
+    def _process_job(self) -> bool:
+        """Process the oldest queued signal job; False when there was none."""
+        with self._cond:
+            if not self._jobs:
+                return False
+            job = self._jobs.popleft()
+            self._working += 1
+            self._cond.notify_all()
+        try:
+            if self.signals is not None:
+                self.signals.process(job)
+        finally:
+            with self._cond:
+                self._working -= 1
+                self._cond.notify_all()
+        return True
 
     def work(self, force: bool = False) -> None:
-        """Refresh the users that are due (all with `force`), then process one queued signal job;
-        until neither is left. Refreshing comes first: it is what freshness is measured on, while
+        """Inline (no threads): refresh the users that are due (all with `force`), then process
+        the queued signal jobs. Refreshing comes first: it is what freshness is measured on, while
         signals only feed the drift detectors and the evaluation."""
-        while True:
-            delivering = self.delivering()
-            with self._cond:
-                batch = []
-                if self._pending and delivering and (force or self._users_due_in() <= 0):
-                    count = min(self.cfg.refresh_max_users, len(self._pending))
-                    batch = [self._pending.popitem(last=False) for _ in range(count)]
-                job = self._jobs.popleft() if self._jobs and not batch else None
-                if not batch and job is None:
-                    break
-                self._working += 1
-                self._cond.notify_all()
-            try:
-                if batch:
-                    self._publish([u for u, _ in batch], [t for _, t in batch])
-                elif self.signals is not None:
-                    self.signals.process(job)
-            finally:
-                with self._cond:
-                    self._working -= 1
-                    self._cond.notify_all()
+        while self._refresh(force) or self._process_job():
+            pass
         if time.monotonic() - self._recorded_at >= self.cfg.published_record_every_s:
             self.record_published()
 
@@ -220,11 +267,13 @@ class Publisher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("publisher did not finish within %s s", timeout_s)
-        if self._thread is None or (self.error is None and not self._thread.is_alive()):
+        threads = [thread for thread in (self._thread, self._signal_thread) if thread is not None]
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error("%s did not finish within %s s", thread.name, timeout_s)
+        if self.error is None and not any(thread.is_alive() for thread in threads):
             self.work(force=True)
         flush = getattr(self.producer, "flush", None)
         if flush is not None:

@@ -1,23 +1,26 @@
 """`casm serve`: events in on `behaviours`, fresh top-K out on `recommendations`, the model
 learning all the while.
 
-The ingest loop (this thread) owns the consumer and the writes of events to the state store:
+Two stages on two threads, with a bounded queue between them (`serve.apply_queue_batches`):
 
-1. poll a batch of `behaviours`; decode and validate it (malformed messages go to the dead-letter
-   topic with their reason); capture the test-then-train view of the batch (`signals`); apply the
-   valid events *and the offsets consumed* to the store in one transaction. After a crash Kafka
-   redelivers from the store's offsets and the store drops what it already holds, so every event
-   counts exactly once.
-2. hand the touched users and the batch's signals to the publisher (`publisher`, its own thread):
-   it scores the users with the current model and publishes one `Recommendation` each, keyed by
-   user, carrying the model version and the newest event it reflects; it ranks the batch's events
-   and watches for drift.
-3. train: the trainer process (`training_worker`) gets the newest windows of the touched users
+1. polling (this thread, the only one that touches the Kafka consumer): poll a batch of
+   `behaviours` and decode and validate it once (`stream.decode`: the valid events as columns, a
+   dead letter with its reason for every other record); queue it.
+2. applying (`apply_stage`, the only writer of state): deliver the dead letters, capture the
+   test-then-train view of the batch (`signals`), apply the valid events *and the offsets
+   consumed* to the store in one transaction (several queued polls at once under a backlog).
+   After a crash Kafka redelivers from the store's offsets and the store drops what it already
+   holds, so every event counts exactly once. Then hand the touched users and the batch's
+   signals to the publisher (`publisher`, its own thread): it scores the users with the current
+   model and publishes one `Recommendation` each, keyed by user, carrying the model version and
+   the newest event it reflects; it ranks the batch's events and watches for drift.
+3. training: the trainer process (`training`) gets the newest windows of the touched users
    every `feed_every_s` / `feed_every_events`, trains within its CPU budget on a replay mix of
-   them and a reservoir of older users, and sends back model versions; each is swapped in
-   between two batches, registered (with the alpha it trained with) and checkpointed. Ingestion
-   never waits for training, except in the `deterministic` mode of evaluation runs, where a
-   round of a fixed number of steps follows every `deterministic_round_events` events.
+   them and a reservoir of older users, and sends back model versions; each is swapped in by the
+   applying stage, registered (with the alpha it trained with) and checkpointed. Ingestion never
+   waits for training, except in the `deterministic` mode of evaluation runs, where a round of a
+   fixed number of steps follows every `deterministic_round_events` events and both stages run
+   inline on this thread.
 
 On SIGINT/SIGTERM the loop finishes the batch in hand, publishes what is pending, commits,
 collects the trainer's last version (each version is checkpointed) and closes. A restart finds users
@@ -34,12 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from kafka.errors import OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from consumers.serve.duplicates import split_conflicts
+from consumers.serve.apply_stage import AppliedTotals, ApplyStage, DecodedBatch
 from consumers.serve.offset_guard import OffsetGuard
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
@@ -47,12 +49,11 @@ from consumers.settings import CasmSettings
 from consumers.adapt.signals import SignalWatch
 from consumers.serve.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training.link import TrainerLink
-from state.errors import InvalidEventError
 from state.store import StateStore
 from stream.clients import caught_up, commit_offsets, lag, make_consumer, make_producer
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator, decode_behaviours
-from stream.delivery import acknowledged_producer, wait_all
+from stream.delivery import acknowledged_producer
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,9 @@ def open_store(settings: CasmSettings, read_only: bool = False) -> StateStore:
 
 
 @dataclass
-class ServiceReport:
-    """What a run of the service did."""
+class ServiceReport(AppliedTotals):
+    """What a run of the service did (the applying stage counts events, duplicates and dead letters)."""
 
-    events_applied: int = 0
-    duplicates: int = 0
-    dead_letters: int = 0
     recommendations: int = 0
     popularity_fallbacks: int = 0
     model_version: int = 0
@@ -118,8 +116,7 @@ class Service:
             self.validator = EventValidator(
                 settings.events, None if settings.events.open_vocabulary else settings.behaviours.names
             )
-            self._events_applied_total = self.store.stats()["events_applied"]
-            self._last_poll = self._last_records = self._retained_at = time.monotonic()
+            self._last_poll = self._last_records = time.monotonic()
             self._held: list = []  # deterministic mode: polled records not applied yet
             self.serving = ServingModel(settings)
             self.trainer = TrainerLink(settings, self.store, self.serving, self.metrics, self.current_alpha,
@@ -132,7 +129,8 @@ class Service:
             self.producer = acknowledged_producer(settings.kafka, bootstrap, make_producer)
             self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
             self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
-            self._held_back: str | None = None  # why the last batch was not applied
+            self._generation = 0  # +1 at every rewind to the store's offsets (apply_stage)
+            self._committed: dict[tuple[str, int], int] = {}
             self._assigned: list[str] = []  # "topic[partition]" as of the last assignment (for /healthz)
             self.signals = (
                 SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha,
@@ -140,10 +138,14 @@ class Service:
                 if settings.drift.enabled else None
             )
             self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals)
+            self.stage = ApplyStage(settings, self.store, self.validator, self.dead_letters, self.metrics,
+                                    self.publisher, self.serving, self.signals, self.trainer,
+                                    self.store.stats()["events_applied"], self.report)
             self._requeue_unpublished()
             # auto_offset_reset='none': the client never resets an out-of-range offset by itself.
             self.consumer = make_consumer(settings.kafka, bootstrap, [self.topics.behaviours],
-                                          on_assign=self._on_assign, auto_offset_reset="none")
+                                          on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                          auto_offset_reset="none")
             self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
             self.telemetry: TelemetryServer | None = None
             if self.cfg.metrics_port is not None:
@@ -177,7 +179,13 @@ class Service:
             log.info("%d users have applied events without a published recommendation: refreshing them", len(behind))
             self.publisher.touch(behind, time.monotonic())
 
+    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+        """Finish the batches in hand: their offsets are in the store before anyone reads them."""
+        if not self.stage.drain(self.cfg.worker_timeout_s):
+            log.warning("batches were still being applied at a revocation after %.0f s", self.cfg.worker_timeout_s)
+
     def _on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self._on_revoke(partitions)  # (also at the first assignment: the queue is empty then)
         stored = {}
         for tp in partitions:
             offset = self.store.offsets(tp.topic).get(tp.partition)
@@ -207,9 +215,10 @@ class Service:
         problems = list(self.offset_guard.problems)
         if not delivering:
             problems.append(delivery)
-        if self._held_back:
-            problems.append(self._held_back)
-        ok = age < self.cfg.health_max_poll_age_s and self.publisher.error is None and not problems
+        if self.stage.held_back:
+            problems.append(self.stage.held_back)
+        ok = (age < self.cfg.health_max_poll_age_s and self.publisher.error is None and self.stage.error is None
+              and not problems)
         return ok, {
             "status": "ok" if ok else "unhealthy",
             "problems": problems,
@@ -219,6 +228,7 @@ class Service:
             "trainer_ready": self.trainer.worker.ready,
             "trainer_restarts": self.trainer.restarts,
             "publisher_ok": self.publisher.error is None,
+            **self.stage.describe(),
             "model_version": self.serving.version,
             # The loop's copy: kafka-python's consumer is not thread-safe, and this runs on the HTTP thread.
             "assigned": list(self._assigned),
@@ -227,8 +237,8 @@ class Service:
     def idle_s(self) -> float | None:
         """Seconds since the last record arrived, once partitions are assigned and read up to
         their high watermark and nothing is left to publish; None before that."""
-        if (not self.consumer.assignment() or not caught_up(self.consumer) or self.publisher.pending or self._held
-                or self.offset_guard.stopped or self.producer.backlog):
+        if (not self.consumer.assignment() or not caught_up(self.consumer) or self.stage.busy
+                or self.publisher.pending or self._held or self.offset_guard.stopped or self.producer.backlog):
             return None
         return time.monotonic() - self._last_records
 
@@ -239,8 +249,11 @@ class Service:
             self.telemetry.start()
         self.publisher.start()
         try:
-            if self.trainer.deterministic and not self.trainer.ready(wait_s=self.cfg.worker_timeout_s):
-                raise RuntimeError(f"trainer process not ready within {self.cfg.worker_timeout_s} s")
+            if self.trainer.deterministic:
+                if not self.trainer.ready(wait_s=self.cfg.worker_timeout_s):
+                    raise RuntimeError(f"trainer process not ready within {self.cfg.worker_timeout_s} s")
+            elif self.cfg.apply_queue_batches > 0:
+                self.stage.start()
             while not self._stop.is_set():
                 self.step()
                 if until is not None and until(self):
@@ -252,10 +265,14 @@ class Service:
         return self.report
 
     def step(self) -> None:
-        """One iteration: ingest a batch, swap in a trained model, feed the trainer (and, when the
-        publisher has no thread of its own, do its work)."""
+        """One iteration: poll and decode a batch and queue it for the applying stage (which, when
+        it has no thread of its own, runs here, as does the publisher's work)."""
         if self.publisher.error is not None:
             raise RuntimeError("the publisher thread failed") from self.publisher.error
+        if self.stage.error is not None:
+            raise RuntimeError("the apply stage failed") from self.stage.error
+        if self.stage.rewind_wanted.is_set():
+            self._rewind()
         try:
             records = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.settings.kafka.max_poll_records)
         except OffsetOutOfRangeError as exc:
@@ -269,24 +286,43 @@ class Service:
         if self.trainer.deterministic:
             flat = self._fixed_batch(flat)
         if flat:
-            self._ingest(flat)
-        if self.publisher._thread is None:
+            self.stage.put(self._decode(flat))
+        if not self.stage.threaded:
+            self.stage.run_inline()
+            self.stage.trainer_step(self._wait_publisher)
+        if not self.publisher.threaded:
             self.publisher.work()
-        if self.trainer.ready():
-            self.trainer.collect()
-            if self.cfg.has_model:  # the baselines never train
-                if self.trainer.round_due():
-                    self._wait_publisher()  # lists of the batch before, then train
-                    self.trainer.run_round(self._events_applied_total)
-                else:
-                    self.trainer.maybe_feed(self._events_applied_total)
         self._update_lag()
-        if self.signals is not None:
-            self.signals.maybe_persist()
-        if time.monotonic() - self._retained_at >= self.cfg.retain_every_s:
-            self._retained_at = time.monotonic()
-            if trimmed := self.store.retain():
-                log.info("retention trimmed %d applied events", trimmed)
+        self._commit_applied()
+
+    def _decode(self, flat: list) -> DecodedBatch:
+        """The polled records decoded and validated (the one pass of `stream.decode`)."""
+        events, dead = decode_behaviours(flat, self.validator)
+        offsets: dict[tuple[str, int], int] = {}
+        for record in flat:  # a partition's records are in offset order
+            offsets[(record.topic, record.partition)] = record.offset + 1
+        return DecodedBatch(flat, events, dead, offsets, self._generation)
+
+    def _rewind(self) -> None:
+        """A batch was held back (its dead letters were not acknowledged): every partition is
+        read again from the store's offsets, and what was polled since is dropped."""
+        stored = self.store.offsets(self.topics.behaviours)
+        for tp in self.consumer.assignment():
+            if tp.partition in stored:
+                self.consumer.seek(tp, stored[tp.partition])
+            else:
+                self.consumer.seek_to_beginning(tp)
+        self._held = []
+        self._generation += 1
+        self.stage.rewound()
+
+    def _commit_applied(self) -> None:
+        """Kafka's committed offsets are informational (monitoring tools); the store is the truth."""
+        applied = self.stage.applied_offsets
+        if applied and applied != self._committed:
+            self._committed = applied
+            self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+                                        for (t, p), o in applied.items()})
 
     def _fixed_batch(self, polled: list) -> list:
         """Deterministic mode: batches of exactly `kafka.max_poll_records` records, cut where a
@@ -308,101 +344,6 @@ class Service:
         if not self.publisher.wait_idle(self.cfg.worker_timeout_s):
             log.warning("the publisher did not finish within %.0f s (outputs undeliverable?): the lockstep "
                         "of the deterministic mode is broken for this batch", self.cfg.worker_timeout_s)
-
-    def _ingest(self, flat: list) -> None:
-        """Decode, dead-letter, capture the signals of, and apply one batch of records."""
-        started = time.perf_counter()
-        events, dead = decode_behaviours(flat, self.validator)
-        events, conflicts = split_conflicts(events, self.store, self.store.offsets(self.topics.behaviours), flat,
-                                            self.validator)
-        if not self._deliver_dead_letters(dead + conflicts, flat):
-            return  # held back: read again, nothing applied
-        if conflicts:
-            self.metrics.conflicting_duplicates.inc(len(conflicts))
-        offsets: dict[tuple[str, int], int] = {}
-        for record in flat:  # a partition's records are in offset order
-            offsets[(record.topic, record.partition)] = record.offset + 1
-        job = None
-        if self.signals is not None:
-            version, scorer = self.serving.current
-            job = self.signals.prepare(
-                events, self._not_yet_applied(events),
-                scorer if self.cfg.has_model else None, version, self._events_applied_total,
-            )
-        result, refused = self._apply(events, offsets, flat)
-        if refused and not self._deliver_dead_letters(refused, None):
-            log.error("%d dead letters of rows the store refused were not acknowledged", len(refused))
-        self.publisher.touch(result.touched_users, time.monotonic())
-        if job is not None:
-            self.publisher.submit(job)
-        self.trainer.touched(result.touched_users, result.applied)
-        self._events_applied_total += result.applied
-        self.report.events_applied += result.applied
-        self.report.duplicates += result.duplicates
-        self.metrics.count_applied(result.applied)
-        if result.duplicates:
-            self.metrics.duplicates.inc(result.duplicates)
-        self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        # Kafka's committed offsets are informational (monitoring tools); the store is the truth.
-        self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
-
-    def _deliver_dead_letters(self, dead: list, flat: list | None) -> bool:
-        """Send `dead` and wait for the broker's acknowledgements (``kafka.dead_letter_ack_timeout_s``);
-        count them once acknowledged. When one is not and `flat` (the batch's records) is given, the
-        batch is held back: each of its partitions is sought back to the batch's first record there,
-        so nothing of it is applied and it is read (and its dead letters sent) again."""
-        if not dead:
-            self._held_back = None
-            return True
-        if wait_all(self.dead_letters.publish(dead), self.settings.kafka.dead_letter_ack_timeout_s):
-            for letter in dead:
-                self.metrics.dead_letters.labels(letter.kind).inc()
-            self.report.dead_letters += len(dead)
-            self._held_back = None
-            return True
-        if flat is None:
-            return False
-        self._held_back = (f"dead letters cannot be delivered to {self.topics.dead_letters}: a batch of "
-                           f"{len(flat)} records is held back and read again")
-        log.warning("%s", self._held_back)
-        self.metrics.dead_letter_holds.inc()
-        first: dict[TopicPartition, int] = {}
-        for record in [*flat, *self._held]:  # deterministic mode holds later records: read them again too
-            first.setdefault(TopicPartition(record.topic, record.partition), record.offset)
-        self._held = []
-        for tp, offset in first.items():
-            self.consumer.seek(tp, offset)
-        return False
-
-    def _apply(self, events, offsets, records: list) -> tuple:
-        """Apply the batch; rows the store refuses although the decoder passed them (its rules
-        are the same settings, so this should not happen) become dead letters, and the rest is
-        applied, rather than the loop stopping on them."""
-        try:
-            return self.store.apply(events, offsets), []
-        except InvalidEventError as exc:
-            if exc.rows.size == 0:
-                raise
-            by_position = {(r.partition, r.offset): r for r in records}
-            partitions, positions = events.column("partition").to_pylist(), events.column("offset").to_pylist()
-            refused = [
-                self.validator.dead_letter(by_position[(partitions[row], positions[row])], "invalid_event",
-                                           f"refused by the state store: {reason}")
-                for row, reason in zip(exc.rows.tolist(), exc.reasons, strict=True)
-            ]
-            log.warning("the state store refused %d events the decoder accepted: %s", len(refused), exc)
-            keep = np.ones(events.num_rows, dtype=bool)
-            keep[exc.rows] = False
-            return self.store.apply(events.filter(keep), offsets), refused
-
-    def _not_yet_applied(self, events) -> np.ndarray:
-        """Rows of `events` whose offset the store has not consumed (redeliveries are not)."""
-        if events.num_rows == 0:
-            return np.zeros(0, dtype=np.int64)
-        stored = self.store.offsets(self.topics.behaviours)
-        partitions = events.column("partition").to_numpy()
-        next_offsets = np.array([stored.get(int(p), 0) for p in range(int(partitions.max()) + 1)])
-        return np.flatnonzero(events.column("offset").to_numpy() >= next_offsets[partitions])
 
     # ----------------------------------------------------------------------------- alpha
     def _on_similarity(self, similarity) -> None:
@@ -439,6 +380,7 @@ class Service:
         log.info("shutting down (%s): publishing %d pending users and batches", self.stopped_by or "error",
                  self.publisher.pending)
         try:
+            self.stage.close(timeout_s=self.cfg.worker_timeout_s)
             self.publisher.close(timeout_s=self.cfg.worker_timeout_s)
             if not self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000):
                 log.warning("%d records were not acknowledged before shutdown (lists among them are sent "

@@ -38,6 +38,8 @@ class ServiceMetrics:
         self.events_per_second = Gauge(
             "casm_events_per_second", "Applied events per second over the rate window", registry=r
         )
+        self.apply_queue = Gauge("casm_apply_queue_batches", "Decoded polls waiting for the applying thread",
+                                 registry=r)
         self.lag = Gauge("casm_consumer_lag", "High watermark minus position", ["topic", "partition"], registry=r)
         self.published = Counter("casm_recommendations_published", "Recommendations published", ["source"], registry=r)
         self.refresh_latency = Histogram(

@@ -206,3 +206,17 @@ def test_repeat_score_touches_only_window_items() -> None:
     delta = Scorer(repeat, 2).score_all(items, behaviours) - Scorer(plain, 2).score_all(items, behaviours)
     in_window = torch.zeros_like(delta, dtype=torch.bool).scatter_(1, items, True)
     assert torch.all(delta[:, 1:][~in_window[:, 1:]] == 0) and torch.all(delta[in_window] != 0)
+
+
+@pytest.mark.parametrize("options", [{"num_blocks": 1}, {"num_blocks": 3}, {"behaviour_attention": True}, {"use_context": False}])
+def test_the_last_position_shortcut_of_inference_equals_the_full_encoding(options: dict) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_dim=16, context_dim=8, num_heads=2, ffn_dim=32, max_len=12, dropout=0.2, **options)
+    model = CASM(cfg, NUM_ITEMS, NUM_BEHAVIOURS).eval()
+    items, behaviours = random_sequences(5, 12, seed=9)
+    items[1, :7] = 0
+    behaviours[1, :7] = 0
+    items[2], behaviours[2] = 0, 0  # no history at all
+    full = model.encode(items, behaviours)[:, -1, :]
+    torch.testing.assert_close(model.user_representation(items, behaviours), full, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(model.user_representation(items, behaviours)[2]) == 0

@@ -139,11 +139,28 @@ def test_skipped_context_checks_never_change_the_verdict(max_context):
     b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"user_id":"v"}',
     b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"user\\u005fid":"v"}',
     b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"a":1,"a":2}}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"timestamp":1.8e9}',
+    b'{"user_id":1,"item_id":"i","behavior":"pv","timestamp":1.7e9,"user_id":2}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"a":1,"b":{"a":1,"a":2}}}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"event_id":null,"event_id":"e"}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"x":{"a":"1","a":"2"}}}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"l":[1,{"a":[],"a":"b"}]}}',
 ])
 def test_json_with_a_key_twice_is_rejected_as_ambiguous(value: bytes) -> None:
     _, dead = decode_behaviours(records([value]), EventValidator(), now=NOW)
     assert [d.kind for d in dead] == ["duplicate_key"]
     assert "occurs twice" in dead[0].reason
+
+
+@pytest.mark.parametrize("value", [
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"user_id":"item_id"}}',
+    b'{"user_id":"u","item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"a":{"a":["a","a"]}}}',
+    b'{"user_id":"u\\"","item_id":"i","behavior":"pv","timestamp":1.7e9,"event_id":null}',
+    b'{ "user_id" : "u" , "item_id":"i","behavior":"pv","timestamp":1.7e9,"context":{"s":"\\u0061"}}',
+])
+def test_json_without_a_repeated_key_is_accepted(value: bytes) -> None:
+    table, dead = decode_behaviours(records([value]), EventValidator(), now=NOW)
+    assert table.num_rows == 1, dead
 
 
 @pytest.mark.parametrize("timestamp", [0, 1, 86_400, 315_532_799])

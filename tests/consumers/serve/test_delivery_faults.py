@@ -202,8 +202,9 @@ def test_a_conflicting_duplicate_goes_to_the_dead_letter_topic(
         service._shutdown()
 
 
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "apply-thread"])
 def test_an_undeliverable_dead_letter_holds_its_batch_back(
-    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
+    threaded: bool, kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
     settings = fault_settings(tmp_path, kafka_config, topic_names, max_request_size=2048)
     ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
@@ -214,6 +215,8 @@ def test_an_undeliverable_dead_letter_holds_its_batch_back(
     produce(kafka_bootstrap, settings, events_for(range(3), 1))
     service = Service(settings, kafka_bootstrap)
     service.dead_letters.max_record_bytes = 10**6  # not cut to the producer's limit: it cannot be sent
+    if threaded:  # as `run` does: later polls queue up while the held-back batch waits
+        service.stage.start()
     try:
         steps_until(service, lambda: service.metrics.dead_letter_holds._value.get() >= 2, 60, "batch held back twice")
         assert service.report.events_applied == 0 and service.report.dead_letters == 0
