@@ -1,8 +1,10 @@
 """The one settings tree of casm-stream.
 
 Every option is read from (highest priority first) the command line, the environment (prefix
-``CASM_``, sections joined by ``__``: ``CASM_KAFKA__BOOTSTRAP_SERVERS``), a preset file, and the
-defaults below. The CLI spells the same names as ``--kafka.bootstrap-servers``.
+``CASM_``, sections joined by ``__``: ``CASM_KAFKA__BOOTSTRAP_SERVERS``), a preset file, a
+command's profile (``evaluate-stream --max``) and the defaults below, merged per field
+(`consumers.presets.load_settings`). The CLI spells the same names as ``--kafka.bootstrap-servers``.
+Settings of one section that must agree with another's are checked once, at load (`CasmSettings`).
 The leaf packages (casm_core, state, stream) each define their own sections; this module only
 composes them.
 """
@@ -135,8 +137,14 @@ class LiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     runs_dir: Path = Field(Path("runs"), description="Where each run's folder (state, log, report) is made.")
-    demo_events: int = Field(40_000, ge=1, description="Synthetic events `casm demo` replays by default.")
-    demo_rate: str = Field("2000/s", description="Replay pace of `casm demo` by default (events/s).")
+    demo_events: int = Field(
+        40_000, ge=1, description="Events `casm demo` replays: the synthetic stream's length, or the first "
+        "this many of a log given with --data (`casm demo --events N`)."
+    )
+    demo_rate: str = Field(
+        "2000/s", description="Replay pace of `casm demo` in events/s, e.g. '2000/s' (`casm demo --rate`; "
+        "--speed and --max replace it)."
+    )
     clock: Literal["wall", "event_order"] = Field(
         "wall", description="When a list counts as sent before an event: by wall-clock time (what a "
         "user saw; paced streams) or by stream position (what the system had computed; full-speed replays)."
@@ -159,10 +167,6 @@ class LiveConfig(BaseModel):
     rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
     progress_recent_lists: int = Field(
         5_000, ge=1, description="Freshness shown while running: percentiles of the last this many lists."
-    )
-    full_speed_poll_records: int = Field(
-        20, ge=1, description="Stream evaluation at full speed: the service polls at most this many events "
-        "at a time (it refreshes lists once per poll, so this sets what the evaluation can credit)."
     )
     cold_user_events: int = Field(
         3, ge=1, description="Reports split target events of users with fewer earlier events than this."
