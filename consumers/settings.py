@@ -244,6 +244,12 @@ class DriftConfig(BaseModel):
     kswin_stat_size: int = Field(60, ge=5, description="KSWIN recent sub-window.")
     seed: int = Field(0, description="Seed of the sampled negatives and of KSWIN.")
 
+    @model_validator(mode="after")
+    def _clip_range(self) -> DriftConfig:
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"drift.alpha_min {self.alpha_min} is above drift.alpha_max {self.alpha_max}")
+        return self
+
 
 class CasmSettings(BaseSettings):
     """All configuration of casm-stream."""
@@ -279,13 +285,39 @@ class CasmSettings(BaseSettings):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @model_validator(mode="after")
-    def _behaviour_names_exist(self) -> CasmSettings:
-        """Behaviours named in `serve` must be in `behaviours.names` (unless the vocabulary is
-        open): a typo would otherwise be ignored (exclusions) or fail at the first publish."""
-        if self.events.open_vocabulary:
-            return self
-        for field in ("exclude_behaviours", "popularity_behaviours"):
-            unknown = [b for b in getattr(self.serve, field) if b not in self.behaviours.names]
-            if unknown:
-                raise ValueError(f"serve.{field} names {unknown}, not in behaviours.names {self.behaviours.names}")
+    def _sections_agree(self) -> CasmSettings:
+        """Settings of one section that name or must fit another's, checked once at load so a
+        mismatch fails with both settings named instead of misbehaving later. (Within a section
+        the section checks itself: behaviours.target and the alpha keys in behaviours.names,
+        eval.table_k in eval.ks, ...)."""
+        names = self.behaviours.names
+        problems = []
+        if not self.events.open_vocabulary:
+            # A typo would otherwise be ignored (exclusions) or fail at the first publish.
+            for field in ("exclude_behaviours", "popularity_behaviours"):
+                unknown = [b for b in getattr(self.serve, field) if b not in names]
+                if unknown:
+                    problems.append(f"serve.{field} names {unknown}, not in behaviours.names {names}")
+        # The offline split looks these up in the vocabulary the log is encoded with.
+        unknown = [b for b in self.eval.validation_behaviours if b not in names]
+        if unknown:
+            problems.append(f"eval.validation_behaviours names {unknown}, not in behaviours.names {names}")
+        # Validation computes HR/NDCG at eval.ks (and MRR), sampled and full; anything else is a
+        # KeyError after the first validation.
+        metrics = [f"{kind}.{m}" for kind in ("sampled", "full") for m in
+                   [*(f"{name}@{k}" for k in self.eval.ks for name in ("hr", "ndcg")), "mrr"]]
+        if self.train.early_stopping_metric not in metrics:
+            problems.append(
+                f"train.early_stopping_metric {self.train.early_stopping_metric!r} is not a validation "
+                f"metric of eval.ks {self.eval.ks}: one of {metrics}"
+            )
+        # The live trainer reads windows of model.max_len + 1 events (input and next event) from the
+        # store: a shorter stored sequence silently trains on shorter windows than the model reads.
+        if self.store.sequence_length < self.model.max_len + 1:
+            problems.append(
+                f"store.sequence_length {self.store.sequence_length} is below model.max_len + 1 = "
+                f"{self.model.max_len + 1} (the trainer's window: the model's input and the next event)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
