@@ -261,9 +261,6 @@ class CasmSettings(BaseSettings):
         validate_assignment=True,
     )
 
-    data_dir: Path = Field(
-        Path("../shared/data"), description="Folder of the shared real logs (<name>/events.csv.gz)."
-    )
     device: Literal["auto", "cpu", "cuda"] | str = Field(
         "auto", description="torch device for training and scoring; auto picks cuda when present."
     )
