@@ -165,6 +165,11 @@ class LiveConfig(BaseModel):
         description="Bin edges (ms) of the freshness histogram in reports.",
     )
     rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
+    lists_per_user: int = Field(
+        8, ge=1, description="Published lists kept per user (the newest) to score the user's later events "
+        "against: an event whose list was pushed out by newer ones while the event was held (grace_ms) "
+        "counts as cold, so keep more than a user receives within grace_ms."
+    )
     progress_recent_lists: int = Field(
         5_000, ge=1, description="Freshness shown while running: percentiles of the last this many lists."
     )
