@@ -103,6 +103,16 @@ class KafkaConfig(_Section):
         "reads the partition's new log from its start and records the reset in the store."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> KafkaConfig:
+        # kafka-python refuses it only when the consumer joins its group, long after start-up.
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"kafka.heartbeat_interval_ms {self.heartbeat_interval_ms} must be below "
+                f"kafka.session_timeout_ms {self.session_timeout_ms}"
+            )
+        return self
+
 
 class TopicsConfig(_Section):
     """Topic names and the partition count they are created with."""

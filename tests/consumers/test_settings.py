@@ -135,6 +135,7 @@ def test_a_short_flag_is_validated_as_its_setting(capsys) -> None:
         ({"train": {"early_stopping_metric": "full.ndcg@50"}}, "train.early_stopping_metric 'full.ndcg@50' is not a validation metric of eval.ks [5, 10, 20]"),
         ({"store": {"sequence_length": 30}}, "store.sequence_length 30 is below model.max_len + 1 = 51"),
         ({"drift": {"alpha_min": 3.0}}, "drift.alpha_min 3.0 is above drift.alpha_max 2.0"),
+        ({"kafka": {"heartbeat_interval_ms": 10_000}}, "kafka.heartbeat_interval_ms 10000 must be below kafka.session_timeout_ms 10000"),
         ({"behaviours": {"target": "click"}}, "target behaviour 'click' is not among"),
         ({"behaviours": {"alpha": {"click": 1.0}}}, "alpha names behaviours that are not in the vocabulary: ['click']"),
     ],
