@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_alias(parser, "--clock", "live.clock", CasmSettings)
     add_alias(parser, "--partitions", "topics.partitions", CasmSettings)
     parser.add_argument("--limit", type=int, default=None,
-                        help="replay only the first N events (of the synthetic stream: generate N events)")
+                        help="replay only the first N events of the log or of the synthetic stream (whose length "
+                        "is --synthetic.n-events)")
     parser.add_argument("--report-dir", type=Path, default=None, help="report folder [live.runs_dir/...]")
 
 
@@ -92,9 +93,10 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         name, label = Path(args.data).name, f"{loaded.path} ({args.format})"
         scheduled_drifts: list[int] = []
     else:
-        config = settings.synthetic if args.limit is None else settings.synthetic.model_copy(update={"n_events": args.limit})
+        config = settings.synthetic
         stream = generate(config)
-        events, name = stream.events, stream.source_name
+        events = stream.events if args.limit is None else stream.events.slice(0, args.limit)
+        name = stream.source_name
         label = f"SYNTHETIC stream (seed {config.seed}, {config.n_users} users; drifts {[d.model_dump(exclude_none=True) for d in config.drifts]})"
         scheduled_drifts = [d.at_event for d in config.drifts]
     fastest = _fastest(args)
