@@ -223,7 +223,10 @@ class SyntheticConfig(_Section):
     appear; `drifts` change those probabilities at given events."""
 
     seed: int = Field(0, description="Seed of every random draw: the same config gives the same stream.")
-    n_events: int = Field(100_000, ge=1, description="Events written (views and follow-ups together).")
+    n_events: int = Field(
+        100_000, ge=1, description="Events written (views and follow-ups together); `casm demo` generates "
+        "live.demo_events instead."
+    )
     n_users: int = Field(1_000, ge=1, description="Users.")
     n_items: int = Field(2_000, ge=1, description="Items in the catalogue at the start.")
     n_clusters: int = Field(20, ge=1, description="Item clusters (latent topics) that tastes range over.")
