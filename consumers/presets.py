@@ -1,5 +1,6 @@
 """Presets: small TOML files of settings for known data sets (behaviour vocabulary, target,
-alpha, sequence length, ...). They sit below the environment and the command line."""
+alpha, sequence length, ...). They sit below the environment and the command line, above a
+command's profile and the defaults (`load_settings`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
-    SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
@@ -39,16 +40,18 @@ def preset_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_settings(preset: str | Path | None = None, **overrides: Any) -> CasmSettings:
-    """Settings from (highest first) `overrides` (the command line), the ``CASM_`` environment,
-    the preset file, and the defaults."""
-    if preset is None:
+def load_settings(
+    preset: str | Path | None = None, profile: dict[str, Any] | None = None, **overrides: Any
+) -> CasmSettings:
+    """Settings from, highest priority first: `overrides` (the command line), the ``CASM_``
+    environment, the `preset` TOML file, the `profile` (a command's nested dict of settings, e.g.
+    `evaluate-stream --max`'s), and the defaults. Sources merge per field: a nested field given
+    in one source leaves the section's other fields to the sources below it."""
+    toml_file = None if preset is None else preset_path(preset)
+    if toml_file is None and not profile:
         return CasmSettings(**overrides)
-    toml_file = preset_path(preset)
 
-    class PresetSettings(CasmSettings):
-        model_config = SettingsConfigDict(toml_file=toml_file)
-
+    class LayeredSettings(CasmSettings):
         @classmethod
         def settings_customise_sources(
             cls,
@@ -58,6 +61,11 @@ def load_settings(preset: str | Path | None = None, **overrides: Any) -> CasmSet
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls), file_secret_settings)
+            sources = [init_settings, env_settings]
+            if toml_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            if profile:
+                sources.append(InitSettingsSource(settings_cls, init_kwargs=profile))
+            return (*sources, file_secret_settings)
 
-    return PresetSettings(**overrides)
+    return LayeredSettings(**overrides)

@@ -1,8 +1,10 @@
 """The one settings tree of casm-stream.
 
 Every option is read from (highest priority first) the command line, the environment (prefix
-``CASM_``, sections joined by ``__``: ``CASM_KAFKA__BOOTSTRAP_SERVERS``), a preset file, and the
-defaults below. The CLI spells the same names as ``--kafka.bootstrap-servers``.
+``CASM_``, sections joined by ``__``: ``CASM_KAFKA__BOOTSTRAP_SERVERS``), a preset file, a
+command's profile (``evaluate-stream --max``) and the defaults below, merged per field
+(`consumers.presets.load_settings`). The CLI spells the same names as ``--kafka.bootstrap-servers``.
+Settings of one section that must agree with another's are checked once, at load (`CasmSettings`).
 The leaf packages (casm_core, state, stream) each define their own sections; this module only
 composes them.
 """
@@ -143,8 +145,14 @@ class LiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     runs_dir: Path = Field(Path("runs"), description="Where each run's folder (state, log, report) is made.")
-    demo_events: int = Field(40_000, ge=1, description="Synthetic events `casm demo` replays by default.")
-    demo_rate: str = Field("2000/s", description="Replay pace of `casm demo` by default (events/s).")
+    demo_events: int = Field(
+        40_000, ge=1, description="Events `casm demo` replays: the synthetic stream's length, or the first "
+        "this many of a log given with --data (`casm demo --events N`)."
+    )
+    demo_rate: str = Field(
+        "2000/s", description="Replay pace of `casm demo` in events/s, e.g. '2000/s' (`casm demo --rate`; "
+        "--speed and --max replace it)."
+    )
     clock: Literal["wall", "event_order"] = Field(
         "wall", description="When a list counts as sent before an event: by wall-clock time (what a "
         "user saw; paced streams) or by stream position (what the system had computed; full-speed replays)."
@@ -165,12 +173,13 @@ class LiveConfig(BaseModel):
         description="Bin edges (ms) of the freshness histogram in reports.",
     )
     rate_window_s: float = Field(5.0, gt=0, description="Window of the events/s shown.")
+    lists_per_user: int = Field(
+        8, ge=1, description="Published lists kept per user (the newest) to score the user's later events "
+        "against: an event whose list was pushed out by newer ones while the event was held (grace_ms) "
+        "counts as cold, so keep more than a user receives within grace_ms."
+    )
     progress_recent_lists: int = Field(
         5_000, ge=1, description="Freshness shown while running: percentiles of the last this many lists."
-    )
-    full_speed_poll_records: int = Field(
-        20, ge=1, description="Stream evaluation at full speed: the service polls at most this many events "
-        "at a time (it refreshes lists once per poll, so this sets what the evaluation can credit)."
     )
     cold_user_events: int = Field(
         3, ge=1, description="Reports split target events of users with fewer earlier events than this."
@@ -254,6 +263,12 @@ class DriftConfig(BaseModel):
     kswin_stat_size: int = Field(60, ge=5, description="KSWIN recent sub-window.")
     seed: int = Field(0, description="Seed of the sampled negatives and of KSWIN.")
 
+    @model_validator(mode="after")
+    def _clip_range(self) -> DriftConfig:
+        if self.alpha_min > self.alpha_max:
+            raise ValueError(f"drift.alpha_min {self.alpha_min} is above drift.alpha_max {self.alpha_max}")
+        return self
+
 
 class CasmSettings(BaseSettings):
     """All configuration of casm-stream."""
@@ -265,9 +280,6 @@ class CasmSettings(BaseSettings):
         validate_assignment=True,
     )
 
-    data_dir: Path = Field(
-        Path("../shared/data"), description="Folder of the shared real logs (<name>/events.csv.gz)."
-    )
     device: Literal["auto", "cpu", "cuda"] | str = Field(
         "auto", description="torch device for training and scoring; auto picks cuda when present."
     )
@@ -289,13 +301,39 @@ class CasmSettings(BaseSettings):
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
     @model_validator(mode="after")
-    def _behaviour_names_exist(self) -> CasmSettings:
-        """Behaviours named in `serve` must be in `behaviours.names` (unless the vocabulary is
-        open): a typo would otherwise be ignored (exclusions) or fail at the first publish."""
-        if self.events.open_vocabulary:
-            return self
-        for field in ("exclude_behaviours", "popularity_behaviours"):
-            unknown = [b for b in getattr(self.serve, field) if b not in self.behaviours.names]
-            if unknown:
-                raise ValueError(f"serve.{field} names {unknown}, not in behaviours.names {self.behaviours.names}")
+    def _sections_agree(self) -> CasmSettings:
+        """Settings of one section that name or must fit another's, checked once at load so a
+        mismatch fails with both settings named instead of misbehaving later. (Within a section
+        the section checks itself: behaviours.target and the alpha keys in behaviours.names,
+        eval.table_k in eval.ks, ...)."""
+        names = self.behaviours.names
+        problems = []
+        if not self.events.open_vocabulary:
+            # A typo would otherwise be ignored (exclusions) or fail at the first publish.
+            for field in ("exclude_behaviours", "popularity_behaviours"):
+                unknown = [b for b in getattr(self.serve, field) if b not in names]
+                if unknown:
+                    problems.append(f"serve.{field} names {unknown}, not in behaviours.names {names}")
+        # The offline split looks these up in the vocabulary the log is encoded with.
+        unknown = [b for b in self.eval.validation_behaviours if b not in names]
+        if unknown:
+            problems.append(f"eval.validation_behaviours names {unknown}, not in behaviours.names {names}")
+        # Validation computes HR/NDCG at eval.ks (and MRR), sampled and full; anything else is a
+        # KeyError after the first validation.
+        metrics = [f"{kind}.{m}" for kind in ("sampled", "full") for m in
+                   [*(f"{name}@{k}" for k in self.eval.ks for name in ("hr", "ndcg")), "mrr"]]
+        if self.train.early_stopping_metric not in metrics:
+            problems.append(
+                f"train.early_stopping_metric {self.train.early_stopping_metric!r} is not a validation "
+                f"metric of eval.ks {self.eval.ks}: one of {metrics}"
+            )
+        # The live trainer reads windows of model.max_len + 1 events (input and next event) from the
+        # store: a shorter stored sequence silently trains on shorter windows than the model reads.
+        if self.store.sequence_length < self.model.max_len + 1:
+            problems.append(
+                f"store.sequence_length {self.store.sequence_length} is below model.max_len + 1 = "
+                f"{self.model.max_len + 1} (the trainer's window: the model's input and the next event)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self

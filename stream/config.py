@@ -103,6 +103,16 @@ class KafkaConfig(_Section):
         "reads the partition's new log from its start and records the reset in the store."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> KafkaConfig:
+        # kafka-python refuses it only when the consumer joins its group, long after start-up.
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"kafka.heartbeat_interval_ms {self.heartbeat_interval_ms} must be below "
+                f"kafka.session_timeout_ms {self.session_timeout_ms}"
+            )
+        return self
+
 
 class TopicsConfig(_Section):
     """Topic names and the partition count they are created with."""
@@ -213,7 +223,10 @@ class SyntheticConfig(_Section):
     appear; `drifts` change those probabilities at given events."""
 
     seed: int = Field(0, description="Seed of every random draw: the same config gives the same stream.")
-    n_events: int = Field(100_000, ge=1, description="Events written (views and follow-ups together).")
+    n_events: int = Field(
+        100_000, ge=1, description="Events written (views and follow-ups together); `casm demo` generates "
+        "live.demo_events instead."
+    )
     n_users: int = Field(1_000, ge=1, description="Users.")
     n_items: int = Field(2_000, ge=1, description="Items in the catalogue at the start.")
     n_clusters: int = Field(20, ge=1, description="Item clusters (latent topics) that tastes range over.")

@@ -1,6 +1,9 @@
 """The ``casm`` command line. Each sub-command is a module in `consumers.cli.commands` with
-``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args, settings) -> int``; every setting
-of the settings tree is also an option of every sub-command (``--section.name``)."""
+``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args, settings) -> int``, and optionally
+``default_preset(args)`` (the preset when --preset is not given) and ``profile(args)`` (a
+`consumers.cli.profiles.Profile` applied below every explicit setting); every setting of the
+settings tree is also an option of every sub-command (``--section.name``). Commands read their
+settings, never a flag that stands for one (short flags such as ``--k`` write the setting)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from consumers.cli.options import add_settings_options, settings_overrides
+from consumers.cli.profiles import Profile
+from consumers.cli.startup import EXIT_STARTUP, explain, invalid_settings
 from consumers.presets import available_presets, load_settings
 from consumers.settings import CasmSettings
-from consumers.cli.startup import EXIT_STARTUP, explain, invalid_settings
 
 COMMAND_MODULES: tuple[str, ...] = (
     "demo",
@@ -74,19 +78,33 @@ def configure_logging(level: str) -> None:
     logging.getLogger("kafka").setLevel(max(logging.ERROR, getattr(logging, level)))
 
 
+def command_settings(args: argparse.Namespace) -> tuple[CasmSettings, Profile | None]:
+    """The settings a parsed command line runs with, and the command's profile if it has one:
+    options over ``CASM_`` variables over the preset (--preset, else the command's default) over
+    the profile over the defaults. Raises ValidationError for bad settings, FileNotFoundError for
+    an unknown preset."""
+    preset = args.preset
+    if preset is None and hasattr(args._module, "default_preset"):
+        preset = args._module.default_preset(args)
+    profile = args._module.profile(args) if hasattr(args._module, "profile") else None
+    settings = load_settings(preset, profile.overrides() if profile else None, **settings_overrides(args, CasmSettings))
+    return settings, profile
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        preset = args.preset
-        if preset is None and hasattr(args._module, "default_preset"):
-            preset = args._module.default_preset(args)
-        settings = load_settings(preset, **settings_overrides(args, CasmSettings))
+        settings, profile = command_settings(args)
     except ValidationError as exc:
         parser.exit(2, f"casm: {invalid_settings(exc)}\n")
     except FileNotFoundError as exc:
         parser.exit(2, f"casm: invalid settings: {exc}\n")
     configure_logging(settings.log_level)
+    if profile is not None:
+        applied, replaced = profile.outcome(settings)
+        log.info("profile %s (below explicit settings): applied %s; replaced by explicit settings %s",
+                 profile.name, applied, replaced or "none")
     try:
         return int(args._module.run(args, settings) or 0)
     except KeyboardInterrupt:
@@ -99,4 +117,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("start-up failure", exc_info=True)
         print(f"casm {args.command}: {line}", file=sys.stderr)
         return EXIT_STARTUP
-

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
-from typing import Any, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -72,17 +72,60 @@ def add_settings_options(parser: argparse.ArgumentParser, settings_cls: type[Bas
         )
 
 
+def _field(settings_cls: type[BaseModel], path: tuple[str, ...]) -> FieldInfo:
+    for leaf_path, info in _leaves(settings_cls):
+        if leaf_path == path:
+            return info
+    raise KeyError(f"no setting {'.'.join(path)!r}")
+
+
+def add_alias(
+    container: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    dotted: str,
+    settings_cls: type[BaseModel],
+    help_text: str | None = None,
+) -> None:
+    """A short flag (``--k``) that writes the setting `dotted` (``serve.top_k``) exactly as its own
+    option (``--serve.top-k``) does: same destination, same parsing, same precedence. Its help
+    names the setting (described with the settings); choices come from a Literal type. Raises
+    KeyError for an unknown setting."""
+    path = tuple(dotted.split("."))
+    info = _field(settings_cls, path)
+    choices = None
+    if get_origin(info.annotation) is Literal and all(isinstance(a, str) for a in get_args(info.annotation)):
+        choices = list(get_args(info.annotation))
+    text = f"shortcut for {option_name(path)}" + (f": {help_text}" if help_text else "")
+    text = text.replace("%", "%%")
+    container.add_argument(
+        flag,
+        dest=_DEST_PREFIX + dotted,
+        default=argparse.SUPPRESS,
+        choices=choices,
+        metavar=None if choices else path[-1].upper(),
+        help=text,
+    )
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"serve.top_k": 5}`` -> ``{"serve": {"top_k": 5}}`` (the shape settings sources take)."""
+    tree: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return tree
+
+
 def settings_overrides(args: argparse.Namespace, settings_cls: type[BaseModel]) -> dict[str, Any]:
     """The settings given on the command line as a nested dict for ``settings_cls(**overrides)``."""
     structured = {".".join(path): _is_structured(info.annotation) for path, info in _leaves(settings_cls)}
-    overrides: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for dest, value in vars(args).items():
         if not dest.startswith(_DEST_PREFIX):
             continue
         dotted = dest.removeprefix(_DEST_PREFIX)
-        *sections, leaf = dotted.split(".")
-        node = overrides
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[leaf] = _parse_value(value, structured[dotted])
-    return overrides
+        given[dotted] = _parse_value(value, structured[dotted])
+    return nested(given)

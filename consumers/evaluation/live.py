@@ -34,6 +34,9 @@ ASSIGN_CHECK_S = 0.25  # between two /healthz probes while the service joins its
 METADATA_TIMEOUT_S = 30.0  # for the topics' partitions to show in the cluster metadata
 MONITOR_POLL_MS = 100  # one monitor poll while following the run
 FINAL_POLL_MS = 500  # the last monitor poll after the service stopped
+MONITOR_POLL_RECORDS = 5_000  # records one monitor poll returns at most: progress shows between polls
+PROGRESS_REFRESH_S = 0.5  # tqdm redraws the live bar at most this often (less terminal traffic)
+RATE_MIN_SPAN_S = 1e-9  # events/s over a window: guards the division when two samples coincide
 
 
 def settings_env(settings: CasmSettings) -> dict[str, str]:
@@ -158,7 +161,7 @@ class TopicMonitor:
         """Read what arrived; returns the number of records."""
         topics = self.settings.topics
         count = 0
-        for tp, records in self.consumer.poll(timeout_ms=timeout_ms, max_records=5000).items():
+        for tp, records in self.consumer.poll(timeout_ms=timeout_ms, max_records=MONITOR_POLL_RECORDS).items():
             count += len(records)
             if tp.topic == topics.behaviours:
                 self._events(tp.partition, records)
@@ -242,7 +245,8 @@ def run_live(
     cfg = settings.live
     run_dir.mkdir(parents=True, exist_ok=True)
     scorer = PrequentialScorer(
-        settings.behaviours.target, settings.serve.top_k, cfg.freshness_edges_ms, cfg.clock, cfg.grace_ms
+        settings.behaviours.target, settings.serve.top_k, cfg.freshness_edges_ms, cfg.clock, cfg.grace_ms,
+        history_per_user=cfg.lists_per_user,
     )
     started = time.monotonic()
     replay_result: dict[str, Any] = {}
@@ -318,7 +322,7 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
             cfg, progress: bool, started: float) -> bool:
     """Poll the topics, show progress, sample a timeline; True when drained in time."""
     state = monitor.state
-    bar = tqdm(total=total, unit="ev", desc="live", disable=not progress, mininterval=0.5)
+    bar = tqdm(total=total, unit="ev", desc="live", disable=not progress, mininterval=PROGRESS_REFRESH_S)
     last_sample = 0.0
     progress_mark, progress_at = (-1, -1), time.monotonic()
     window: list[tuple[float, int]] = []
@@ -332,7 +336,7 @@ def _follow(monitor: TopicMonitor, serve: ServeProcess, sender: threading.Thread
                 last_sample = now
                 window.append((now, state.events))
                 window[:] = [w for w in window if w[0] >= now - cfg.rate_window_s]
-                rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9) if len(window) > 1 else 0.0
+                rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], RATE_MIN_SPAN_S) if len(window) > 1 else 0.0
                 summary = monitor.scorer.running(cfg.progress_recent_lists)
                 health = serve.health() or {}
                 metrics = serve.metrics()

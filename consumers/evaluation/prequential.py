@@ -29,6 +29,10 @@ import numpy as np
 
 Clock = Literal["wall", "event_order"]
 
+LISTS_PER_USER = 8
+"""Default of the lists kept per user (the newest) to score the user's later events against;
+`run_live` passes the setting `live.lists_per_user`."""
+
 
 @dataclass
 class ScoredEvent:
@@ -76,7 +80,7 @@ class PrequentialScorer:
         freshness_edges_ms: list[float],
         clock: Clock = "wall",
         grace_ms: int = 0,
-        history_per_user: int = 8,
+        history_per_user: int = LISTS_PER_USER,
     ) -> None:
         self.target = target
         self.k = k

@@ -41,7 +41,7 @@ def test_replay_needs_a_broker(monkeypatch, tmp_path):
 def test_replay_synthetic(kafka_bootstrap, topic_names, capsys):
     code = main(["replay", "--synthetic", "--events", "300", "--seed", "5", "--rate", "100000/s", "--json",
                  "--kafka.bootstrap-servers", kafka_bootstrap, "--progress", "false",
-                 "--synthetic-config", '{"n_users": 20, "n_items": 50}', *topic_options(topic_names)])
+                 "--synthetic.n-users", "20", "--synthetic.n-items", "50", *topic_options(topic_names)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["sent"] == 300 and report["synthetic"] and report["source"] == "synthetic-seed5"

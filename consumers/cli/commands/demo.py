@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+from consumers.cli.options import add_alias
 from consumers.evaluation.live import run_live
 from consumers.settings import CasmSettings
 from stream.broker import free_port, kafka_cluster
@@ -24,9 +25,9 @@ HELP = "One command: embedded broker + casm serve + a replayed stream, with live
 log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--events", type=int, default=None, help="events to replay [live.demo_events]")
+    add_alias(parser, "--events", "live.demo_events", CasmSettings)
     pace = parser.add_mutually_exclusive_group()
-    pace.add_argument("--rate", default=None, help="events per second, e.g. 2000/s [live.demo_rate]")
+    add_alias(pace, "--rate", "live.demo_rate", CasmSettings)
     pace.add_argument("--speed", default=None, help="event-time speed-up, e.g. 600x")
     pace.add_argument("--max", action="store_true", help="as fast as possible")
     parser.add_argument("--data", type=Path, default=None, help="replay this real log instead of the synthetic stream")
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: CasmSettings) -> int:
     run_dir = args.run_dir or settings.live.runs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    count = args.events or settings.live.demo_events
+    count = settings.live.demo_events
     if args.data is not None:
         loaded = read_log(args.data, args.format)
         events, source = loaded.events.slice(0, count), f"{Path(args.data).name}"
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         stream = generate(synthetic)
         events, source = stream.events, stream.source_name
         label = f"SYNTHETIC stream (seed {synthetic.seed}, {synthetic.n_users} users, {synthetic.n_items} items)"
-    pacing = parse_pacing(args.speed, None if args.max or args.speed else (args.rate or settings.live.demo_rate), args.max)
+    pacing = parse_pacing(args.speed, None if args.max or args.speed else settings.live.demo_rate, args.max)
 
     # The demo keeps its state next to its report: the embedded broker forgets everything on stop.
     settings = settings.model_copy(deep=True)

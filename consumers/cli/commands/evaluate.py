@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from casm_core.config import EvalConfig
+from consumers.cli.options import add_alias
 from consumers.evaluation.offline import (
     BASELINES,
     VARIANTS_FILE,
@@ -47,9 +48,6 @@ HELP = "Train and evaluate CASM and baselines offline on a historical log (leave
 
 log = logging.getLogger(__name__)
 
-# A format's natural preset, used when --preset is not given.
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None, help="log file or data-set folder")
     parser.add_argument(
@@ -57,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of running: merge result JSONs of the same split (variants run apart) into --output",
     )
     parser.add_argument("--format", default="generic", choices=LOG_FORMATS, help="log format")
-    parser.add_argument("--target", default=None, help="target behaviour (shortcut for --behaviours.target)")
+    add_alias(parser, "--target", "behaviours.target", CasmSettings)
     parser.add_argument(
         "--heldout", type=Path, default=None,
         help="CSV user_id,item_id of test items given apart from the log (e.g. yelp heldout_pos.csv.gz)",
@@ -90,8 +88,6 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         return merge(args.merge, args.reference, args.output)
     if args.data is None:
         raise SystemExit("casm evaluate: --data is required (or --merge)")
-    if args.target:
-        settings.behaviours.target = args.target
     if settings.train.threads:
         torch.set_num_threads(settings.train.threads)
     try:

@@ -10,13 +10,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import get_args
 
+from consumers.cli.options import add_alias
+from consumers.cli.profiles import Profile
 from consumers.evaluation.live import run_live
 from consumers.evaluation.prequential import ranking_metrics
-from consumers.presets import FORMAT_PRESETS
-from consumers.settings import CasmSettings, ServeConfig
 from consumers.evaluation.stream_report import test_then_train_metrics, two_losses, write_report
+from consumers.presets import FORMAT_PRESETS
+from consumers.settings import CasmSettings
 from stream.broker import free_port, kafka_cluster
 from stream.logs import LOG_FORMATS, read_log
 from stream.replay import parse_pacing
@@ -28,8 +29,22 @@ HELP = "Replay a log through broker + casm serve and score the published recomme
 
 log = logging.getLogger(__name__)
 
-POLICIES = {"fixed": "fixed", "adaptive": "conversion", "conversion": "conversion", "gradient": "gradient"}
-RECOMMENDERS = get_args(ServeConfig.model_fields["recommender"].annotation)
+FULL_SPEED = Profile("evaluate-stream --max", {
+    "live.clock": ("event_order", "wall-clock order is meaningless when the whole log is produced first"),
+    "serve.training": ("deterministic", "a fixed number of steps per 1,000 events, ingestion waiting for "
+                       "each round: results do not depend on the machine's speed and two runs agree"),
+    "kafka.max_poll_records": (20, "lists are refreshed once per poll, so at full speed the poll size is "
+                               "the granularity of what the evaluation can credit (a paced stream has "
+                               "small polls by itself)"),
+    "serve.refresh_max_delay_ms": (0, "refresh every poll's users at once"),
+    "serve.publisher_queue_batches": (1, "in step with the publisher (one batch ahead at most), every list "
+                                      "reflects the batch before, as a service keeping up with a live "
+                                      "stream would: recommenders are compared on their lists, not on how "
+                                      "fast they make them"),
+    "topics.partitions": (1, "a backlog of several partitions is consumed one after another, so the model "
+                          "would see one partition's future before another's past: one keeps log order"),
+})
+"""What `--max` (the default pace) changes, below every explicit setting."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,22 +55,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--speed", default=None, help="event-time speed-up, e.g. 600x")
     pace.add_argument("--rate", default=None, help="events per second, e.g. 2000/s")
-    pace.add_argument("--max", action="store_true", help="as fast as possible (the default)")
-    parser.add_argument("--policy", choices=sorted(POLICIES), default=None,
-                        help="alpha policy: fixed, conversion (alias adaptive) or gradient [drift.policy]")
-    parser.add_argument("--recommender", choices=RECOMMENDERS, default=None,
-                        help="what serves: CASM, or a baseline through the same path (popularity: the most "
-                        "popular items; recent: the user's recently seen items first) [serve.recommender]")
-    parser.add_argument("--limit", type=int, default=None, help="replay only the first N events")
-    parser.add_argument("--partitions", type=int, default=None,
-                        help="partitions of the topics this run creates [1 at --max, else topics.partitions]")
-    parser.add_argument("--training", choices=["deterministic", "continuous"], default=None,
-                        help="deterministic: a fixed number of steps per 1,000 events, consumption waiting for "
-                        "each round, so two runs agree and results do not depend on machine speed "
-                        "[deterministic at --max, else serve.training]")
-    parser.add_argument("--clock", choices=["wall", "event_order"], default=None,
-                        help="when a list counts as sent before an event [event_order at --max, else live.clock]")
+    pace.add_argument(
+        "--max", action="store_true",
+        help="as fast as possible (the default without --speed or --rate): the log is produced first and "
+        f"the profile '{FULL_SPEED.name}' applies, below explicit settings (a preset, CASM_ variable or "
+        f"option of the same setting wins): {FULL_SPEED.help_text()}",
+    )
+    add_alias(parser, "--policy", "drift.policy", CasmSettings)
+    add_alias(parser, "--recommender", "serve.recommender", CasmSettings)
+    add_alias(parser, "--training", "serve.training", CasmSettings)
+    add_alias(parser, "--clock", "live.clock", CasmSettings)
+    add_alias(parser, "--partitions", "topics.partitions", CasmSettings)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="replay only the first N events of the log or of the synthetic stream (whose length "
+                        "is --synthetic.n-events)")
     parser.add_argument("--report-dir", type=Path, default=None, help="report folder [live.runs_dir/...]")
+
+
+def _fastest(args: argparse.Namespace) -> bool:
+    return bool(args.max or not (args.speed or args.rate))
+
+
+def profile(args: argparse.Namespace) -> Profile | None:
+    """The full-speed profile at --max (and when no pace is given)."""
+    return FULL_SPEED if _fastest(args) else None
 
 
 def default_preset(args: argparse.Namespace) -> str | None:
@@ -64,47 +87,20 @@ def default_preset(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace, settings: CasmSettings) -> int:
     settings = settings.model_copy(deep=True)
-    if args.policy:
-        settings.drift.policy = POLICIES[args.policy]
-    if args.recommender:
-        settings.serve.recommender = args.recommender
     if args.data is not None:
         loaded = read_log(args.data, args.format)
         events = loaded.events if args.limit is None else loaded.events.slice(0, args.limit)
         name, label = Path(args.data).name, f"{loaded.path} ({args.format})"
         scheduled_drifts: list[int] = []
     else:
-        config = settings.synthetic if args.limit is None else settings.synthetic.model_copy(update={"n_events": args.limit})
+        config = settings.synthetic
         stream = generate(config)
-        events, name = stream.events, stream.source_name
+        events = stream.events if args.limit is None else stream.events.slice(0, args.limit)
+        name = stream.source_name
         label = f"SYNTHETIC stream (seed {config.seed}, {config.n_users} users; drifts {[d.model_dump(exclude_none=True) for d in config.drifts]})"
         scheduled_drifts = [d.at_event for d in config.drifts]
-    fastest = args.max or not (args.speed or args.rate)
+    fastest = _fastest(args)
     pacing = parse_pacing(args.speed, args.rate, fastest)
-    if args.clock:
-        settings.live.clock = args.clock
-    elif fastest:
-        settings.live.clock = "event_order"  # wall-clock order is meaningless at full speed
-    if args.training:
-        settings.serve.training = args.training
-    elif fastest:
-        settings.serve.training = "deterministic"
-    if fastest:
-        # Lists are refreshed once per poll: at full speed the poll size is the granularity of what
-        # the evaluation can credit (a paced stream has small polls by itself).
-        settings.kafka.max_poll_records = min(settings.kafka.max_poll_records, settings.live.full_speed_poll_records)
-        settings.serve.refresh_max_delay_ms = 0
-        # A backlog is consumed faster than lists can be refreshed; in step with the publisher
-        # (one batch ahead at most), every list reflects the batch before, as a service keeping
-        # up with a live stream would, and recommenders are compared on their lists, not on
-        # how fast they make them.
-        settings.serve.publisher_queue_batches = 1
-        if args.partitions is None:
-            # A backlog of several partitions is consumed one partition after another, so the model
-            # would see one partition's future before another's past: one partition keeps log order.
-            settings.topics.partitions = 1
-    if args.partitions is not None:
-        settings.topics.partitions = args.partitions
     run_dir = args.report_dir or settings.live.runs_dir / (
         f"evaluate-stream-{name}-{settings.serve.recommender}-{settings.drift.policy}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -147,6 +143,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "scheduled_drifts": scheduled_drifts,
         "window_events": settings.live.window_events,
         "training_mode": settings.serve.training,
+        "profile": dict(zip(("applied", "replaced"), FULL_SPEED.outcome(settings), strict=True)) if fastest else None,
         "prequential": result.prequential,
         "cold_users": {
             "threshold": threshold,

@@ -14,6 +14,7 @@ import numpy as np
 from casm_core.baselines import RecentItems
 from casm_core.checkpoint import load_checkpoint
 from casm_core.scoring import Scorer
+from consumers.cli.options import add_alias
 from consumers.serve.ranking import PopularItems, exclusions, ranked_lists
 from consumers.serve.service import open_store
 from consumers.settings import CasmSettings
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", required=True, action="append", help="user id (repeatable)")
-    parser.add_argument("--k", type=int, default=None, help="items per user [serve.top_k]")
+    add_alias(parser, "--k", "serve.top_k", CasmSettings)
     parser.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint [newest registered]")
 
 
@@ -73,7 +74,6 @@ def recommend(settings: CasmSettings, users: list[str], k: int, checkpoint: Path
 
 
 def run(args: argparse.Namespace, settings: CasmSettings) -> int:
-    k = args.k or settings.serve.top_k
-    for result in recommend(settings, args.user, k, args.checkpoint):
+    for result in recommend(settings, args.user, settings.serve.top_k, args.checkpoint):
         print(json.dumps(result))
     return 0

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from consumers.cli.options import add_alias
 from consumers.settings import CasmSettings
 from stream.clients import make_producer
-from stream.config import SyntheticConfig
 from stream.logs import LOG_FORMATS, read_log
 from stream.replay import SYNTHETIC_CONTEXT, parse_pacing, replay
 from stream.synthetic import generate, is_synthetic_log
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", type=Path, help="log file (or its data set folder)")
     source.add_argument(
         "--synthetic", action="store_true",
-        help="replay the SYNTHETIC stream of stream.synthetic instead of a log",
+        help="replay the SYNTHETIC stream of stream.synthetic instead of a log (the `synthetic` "
+        "settings, e.g. --synthetic.n-users 20 --synthetic.drifts '[{\"at_event\": 25000, "
+        "\"behaviour\": \"cart\", \"conversion\": 0}]')",
     )
     parser.add_argument("--format", default="generic", choices=LOG_FORMATS, help="log format [generic]")
     parser.add_argument("--skip-malformed", action="store_true", help="skip malformed rows (counted)")
@@ -40,31 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace.add_argument("--rate", help="events per second, e.g. 5000/s")
     pace.add_argument("--max", action="store_true", help="as fast as the producer goes (default)")
     parser.add_argument("--limit", type=int, default=None, help="send only the first N events")
-    parser.add_argument("--topic", default=None, help="target topic [default: settings topics.behaviours]")
-    parser.add_argument(
-        "--synthetic-config", default=None, metavar="JSON_OR_PATH",
-        help='SyntheticConfig fields as JSON or a .json file, e.g. \'{"n_events": 50000, "drifts": '
-        '[{"at_event": 25000, "behaviour": "cart", "conversion": 0}]}\'',
-    )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the synthetic stream")
-    parser.add_argument("--events", type=int, default=None, help="events of the synthetic stream")
+    add_alias(parser, "--topic", "topics.behaviours", CasmSettings)
+    add_alias(parser, "--seed", "synthetic.seed", CasmSettings)
+    add_alias(parser, "--events", "synthetic.n_events", CasmSettings)
     parser.add_argument("--no-create-topics", action="store_true", help="do not create missing topics")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
-def _synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
-    fields: dict = {}
-    if args.synthetic_config:
-        text = args.synthetic_config
-        path = Path(text)
-        if path.suffix == ".json" and path.is_file():
-            text = path.read_text()
-        fields = json.loads(text)
-    if args.seed is not None:
-        fields["seed"] = args.seed
-    if args.events is not None:
-        fields["n_events"] = args.events
-    return SyntheticConfig(**fields)
 
 
 def run(args: argparse.Namespace, settings: CasmSettings) -> int:
@@ -82,7 +64,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         return 2
     context = None
     if args.synthetic:
-        stream = generate(_synthetic_config(args))
+        stream = generate(settings.synthetic)
         events, source_name = stream.events, stream.source_name
     else:
         loaded = read_log(args.data, args.format, skip_malformed=args.skip_malformed)
@@ -96,7 +78,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
             "behaviours %s are not in the vocabulary %s: the service will dead-letter them "
             "(choose a preset or set events.open_vocabulary)", unknown, settings.behaviours.names,
         )
-    topic = args.topic or settings.topics.behaviours
+    topic = settings.topics.behaviours
     if not args.no_create_topics:
         ensure_topics(bootstrap, settings.kafka, settings.topics)
     producer = make_producer(settings.kafka, bootstrap)

@@ -20,7 +20,7 @@ def table(rows: list[tuple[str, str, int]], start: int = 0) -> pa.Table:
 
 
 def test_conflicts_with_applied_and_earlier_rows_are_split_off() -> None:
-    settings = CasmSettings(store={"path": ":memory:", "sequence_length": 5}, progress=False)
+    settings = CasmSettings(store={"path": ":memory:", "sequence_length": 5}, model={"max_len": 4}, progress=False)
     store = open_store(settings)
     store.apply(table([("a", "x", 0)]), {("behaviours", 0): 1})
     batch = table([("a", "x", 1), ("a", "y", 2), ("b", "p", 3), ("b", "q", 4), ("c", "z", 5)])
@@ -34,7 +34,7 @@ def test_conflicts_with_applied_and_earlier_rows_are_split_off() -> None:
 
 
 def test_redeliveries_below_the_stored_offset_are_never_conflicts() -> None:
-    settings = CasmSettings(store={"path": ":memory:", "sequence_length": 5}, progress=False)
+    settings = CasmSettings(store={"path": ":memory:", "sequence_length": 5}, model={"max_len": 4}, progress=False)
     store = open_store(settings)
     store.apply(table([("a", "x", 0)]), {("behaviours", 0): 1})
     kept, dead = split_conflicts(table([("a", "x", 0)]), store, store.offsets("behaviours"),
