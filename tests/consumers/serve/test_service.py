@@ -149,10 +149,10 @@ def test_serve_publishes_fresh_recommendations_and_learns_clusters(
     assert sum(item["item_id"] in {f"item{i}" for i in cluster_a} for item in probe_rec["items"]) >= 4
     # Every version was registered with its checkpoint; the last few are kept on disk.
     with service_store(settings) as store:
-        models = store.models()
+        models = store.registry.models()
         assert [m["version"] for m in models] == [1, 2, 3, 4]
         assert all(Path(m["checkpoint_path"]).name == f"casm-v{m['version']:06d}.pt" for m in models)
-        assert store.last_published(["probe"])["probe"]["model_version"] == 4
+        assert store.registry.last_published(["probe"])["probe"]["model_version"] == 4
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == settings.serve.keep_checkpoints
 
 
@@ -251,7 +251,7 @@ def test_the_recent_baseline_is_served_through_the_same_path_without_training(
         service.stop()
         service.run(until=lambda s: True)
     with service_store(settings) as store:
-        assert store.models() == []
+        assert store.registry.models() == []
     last = {r.key.decode(): json.loads(r.value)
             for r in read_topic(settings.kafka, kafka_bootstrap, settings.topics.recommendations, timeout_s=30)}
     items = [i["item_id"] for i in last["u0"]["items"]]
@@ -332,4 +332,4 @@ def test_a_dead_trainer_is_restarted_from_its_checkpoint_and_ingestion_goes_on(
         service.stop()
         service.run(until=lambda s: True)
     with service_store(settings) as store:
-        assert [m["version"] for m in store.models()] == [1, 2]
+        assert [m["version"] for m in store.registry.models()] == [1, 2]
