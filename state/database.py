@@ -115,8 +115,8 @@ class Database:
         self._release_writer()
 
     @property
-    def open(self) -> bool:
-        """True until `close`, or while a connection or the writer slot is held."""
+    def in_use(self) -> bool:
+        """True while a connection or the writer slot is held (until `close`)."""
         return self._con is not None or self._registered_writer
 
     @property

@@ -542,16 +542,14 @@ class EventStore:
         adopted); refuse what the vocabularies cannot take."""
         behaviour_idx, new_behaviours = self._behaviours.lookup_array(taken.column("behavior"))
         if new_behaviours:
-            fresh = behaviour_idx > len(self._behaviours)
+            base = len(self._behaviours)
             if not self.open_vocabulary:
-                raise refuse_rows(rows[fresh], "unknown behavior " + ", ".join(
+                raise refuse_rows(rows[behaviour_idx > base], "unknown behavior " + ", ".join(
                     repr(b) for b in new_behaviours))
-            bad = [b for b in new_behaviours if not b or len(b) > self.max_id_length]
-            if bad:
-                lengths = np.array([len(b) for b in new_behaviours])
-                bad_idx = len(self._behaviours) + 1 + np.flatnonzero(
-                    (lengths == 0) | (lengths > self.max_id_length))
-                raise refuse_rows(rows[np.isin(behaviour_idx, bad_idx)],
+            unfit = [base + 1 + k for k, b in enumerate(new_behaviours)
+                     if not b or len(b) > self.max_id_length]
+            if unfit:
+                raise refuse_rows(rows[np.isin(behaviour_idx, unfit)],
                                   f"behavior is empty or longer than {self.max_id_length} "
                                   "characters")
         item_idx, new_items = self._items.lookup_array(taken.column("item_id"))

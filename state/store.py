@@ -188,7 +188,7 @@ class StateStore:
     def __del__(self) -> None:
         # A store dropped without close(): free the file (no fold; the next open replays).
         db = self.__dict__.get("db")
-        if db is not None and db.open:
+        if db is not None and db.in_use:
             try:
                 db.close()
             except Exception:  # noqa: BLE001 - never raise from a finaliser
