@@ -33,11 +33,14 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from consumers.training.sampling import sample_training_sequences
 from state import StateStore, StoreConfig
 
 BEHAVIOURS = ["pv", "cart", "fav", "buy"]
 BEHAVIOUR_WEIGHTS = [0.85, 0.06, 0.05, 0.04]
 TOPIC = "behaviours"
+#: Share of a training sample taken from recently touched users (the old store default).
+RECENT_FRACTION = 0.8
 T0 = 1.7e9
 
 Batch = tuple[pa.Table, dict[tuple[str, int], int]]
@@ -131,7 +134,7 @@ def bench_store(args: argparse.Namespace, folder: Path, warm: list[Batch],
     sample_times = []
     for k in range(args.fetch_repeats):
         t = time.perf_counter()
-        store.sample_training_sequences(args.fetch_users, seed=k)
+        sample_training_sequences(store, args.fetch_users, seed=k, recent_fraction=RECENT_FRACTION)
         sample_times.append(time.perf_counter() - t)
 
     check = store.sequences(known[:100])

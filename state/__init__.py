@@ -5,7 +5,6 @@ from state.config import StoreConfig
 from state.errors import (
     ConfigMismatchError,
     InvalidEventError,
-    PartitionError,
     ReadOnlyStoreError,
     RegistryError,
     SchemaVersionError,
@@ -13,18 +12,16 @@ from state.errors import (
     StoreError,
     StoreLockedError,
 )
+from state.events import ApplyResult, UserActivity
 from state.schema import SCHEMA_VERSION
 from state.sequences import Sequences
-from state.store import ApplyResult, StateStore
-from state.validate import CheckResult
+from state.store import StateStore
 
 __all__ = [
     "SCHEMA_VERSION",
     "ApplyResult",
-    "CheckResult",
     "ConfigMismatchError",
     "InvalidEventError",
-    "PartitionError",
     "ReadOnlyStoreError",
     "RegistryError",
     "SchemaVersionError",
@@ -34,4 +31,5 @@ __all__ = [
     "StoreConfig",
     "StoreError",
     "StoreLockedError",
+    "UserActivity",
 ]

@@ -23,16 +23,6 @@ class StoreConfig(BaseModel):
     retention_rows: int | None = Field(
         None, ge=1, description="Keep at most this many newest applied events; None keeps all."
     )
-    recent_fraction: float = Field(
-        0.8, ge=0.0, le=1.0,
-        description="Share of a training sample drawn from recently touched users; the rest is "
-        "uniform over all users so fine-tuning does not forget.",
-    )
-    recent_users: int | None = Field(
-        None, ge=1,
-        description="Pool of most recently touched users the recent share of a training sample is "
-        "drawn from (uniformly); None: the recent share is exactly the most recent users.",
-    )
     event_id_window_s: float = Field(
         86_400.0, gt=0,
         description="Seconds (wall clock, since applied) an applied event_id is remembered to drop "

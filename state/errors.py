@@ -60,6 +60,3 @@ class StoreClosedError(StoreError):
 class RegistryError(StoreError):
     """The model registry refused a write (e.g. a model version that already exists)."""
 
-
-class PartitionError(StoreError):
-    """A partition's state cannot be imported or dropped as asked."""

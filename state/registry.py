@@ -1,24 +1,41 @@
-"""The store's registry and logs: model versions, alpha history, drift log and the last
-recommendation published per user. Mixed into `StateStore` (same file, same lock)."""
+"""`Registry`: the store's registry and logs: model versions, alpha history, drift log, saved
+component state and the last recommendation published per user (same file and lock as the
+event store, none of its state)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
+from state.database import Database
 from state.errors import RegistryError
-from state.sequences import MISSING
+from state.sequences import MISSING, Sequences
+
+#: Reads users' newest events: `newest(user_ids, width=1)` (e.g. `EventStore.sequences`).
+NewestEvents = Callable[..., Sequences]
 
 
-class RegistryMixin:
-    """Registry and log methods of `StateStore` (they use its connection, lock and mirror)."""
+class Registry:
+    """Model versions, alpha history, drift log, component state, published lists.
 
-    # -- registry and logs ---------------------------------------------------------------------
+    Args:
+        db: the open file.
+        newest_events: `EventStore.sequences` (its newest-event columns say which event a
+            published list reflects).
+        clock: wall clock (unix s).
+    """
+
+    def __init__(self, db: Database, newest_events: NewestEvents,
+                 clock: Callable[[], float] = time.time):
+        self._db = db
+        self._newest_events = newest_events
+        self._clock = clock
 
     def register_model(
         self,
@@ -33,11 +50,11 @@ class RegistryMixin:
         Raises:
             RegistryError: `version` is registered already.
         """
-        with self._lock:
-            con = self._writable()
+        with self._db.lock:
+            con = self._db.writable()
             if con.execute("SELECT 1 FROM models WHERE version = $1", [int(version)]).fetchall():
                 raise RegistryError(f"model version {version} is registered already")
-            self._transaction(lambda con: con.execute(
+            self._db.transaction(lambda con: con.execute(
                 "INSERT INTO models VALUES ($1, $2, $3, $4, $5, $6)",
                 [int(version), float(created_at), _json(alpha), _json(metrics),
                  str(checkpoint_path), float(self._clock())],
@@ -46,8 +63,8 @@ class RegistryMixin:
     def models(self) -> list[dict[str, Any]]:
         """Registered models, oldest version first: version, created_at, alpha, metrics,
         checkpoint_path, registered_at."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._db.lock:
+            rows = self._db.con.execute(
                 "SELECT version, created_at, alpha, metrics, checkpoint_path, registered_at "
                 "FROM models ORDER BY version"
             ).fetchall()
@@ -64,8 +81,8 @@ class RegistryMixin:
 
     def record_alpha(self, at: float, alpha: Mapping[str, float], reason: str) -> None:
         """Append to the alpha history (unix s, alpha per behaviour, why it changed)."""
-        with self._lock:
-            self._transaction(lambda con: con.execute(
+        with self._db.lock:
+            self._db.transaction(lambda con: con.execute(
                 "INSERT INTO alpha_history SELECT coalesce(max(n), 0) + 1, $1, $2, $3 "
                 "FROM alpha_history",
                 [float(at), _json(alpha), str(reason)],
@@ -73,8 +90,8 @@ class RegistryMixin:
 
     def alpha_history(self) -> list[dict[str, Any]]:
         """The alpha history in the order recorded: at, alpha, reason."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._db.lock:
+            rows = self._db.con.execute(
                 "SELECT happened_at, alpha, reason FROM alpha_history ORDER BY n"
             ).fetchall()
         return [{"at": at, "alpha": json.loads(a), "reason": r} for at, a, r in rows]
@@ -82,16 +99,16 @@ class RegistryMixin:
     def save_component_state(self, name: str, state: bytes, events_applied: int, at: float) -> None:
         """Keep `state` (opaque bytes) as component `name`'s newest saved state, replacing the
         previous one (unix s `at`, saved when `events_applied` events were applied)."""
-        with self._lock:
-            self._transaction(lambda con: con.execute(
+        with self._db.lock:
+            self._db.transaction(lambda con: con.execute(
                 "INSERT OR REPLACE INTO component_state VALUES ($1, $2, $3, $4)",
                 [str(name), float(at), int(events_applied), bytes(state)],
             ))
 
     def component_state(self, name: str) -> tuple[bytes, int] | None:
         """Component `name`'s newest saved state and the applied-event count it was saved at."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._db.lock:
+            rows = self._db.con.execute(
                 "SELECT state, events_applied FROM component_state WHERE name = $1", [str(name)]
             ).fetchall()
         return (bytes(rows[0][0]), int(rows[0][1])) if rows else None
@@ -108,8 +125,8 @@ class RegistryMixin:
     ) -> None:
         """Append to the drift log (unix s, the behaviour, detector and signal that fired, the
         signal's value, alpha before and after)."""
-        with self._lock:
-            self._transaction(lambda con: con.execute(
+        with self._db.lock:
+            self._db.transaction(lambda con: con.execute(
                 "INSERT INTO drift_log SELECT coalesce(max(n), 0) + 1, $1, $2, $3, $4, $5, $6, $7 "
                 "FROM drift_log",
                 [float(at), str(behaviour), str(detector), str(signal), float(value),
@@ -118,8 +135,8 @@ class RegistryMixin:
 
     def drift_log(self) -> list[dict[str, Any]]:
         """The drift log in the order recorded."""
-        with self._lock:
-            rows = self.con.execute(
+        with self._db.lock:
+            rows = self._db.con.execute(
                 "SELECT happened_at, behaviour, detector, signal, value, old_alpha, new_alpha "
                 "FROM drift_log ORDER BY n"
             ).fetchall()
@@ -154,14 +171,14 @@ class RegistryMixin:
             event_offsets is not None and len(event_offsets) != len(user_ids)
         ):
             raise ValueError("user_ids, items and event_offsets must have the same length")
-        with self._lock:
-            self._writable()
+        with self._db.lock:
+            self._db.writable()
             if not user_ids:
                 return 0
             last = {u: k for k, u in enumerate(user_ids)}
             keep = np.fromiter(last.values(), dtype=np.int64, count=len(last))
             users = [user_ids[k] for k in keep.tolist()]
-            seqs = self._users.gather(users, width=1)
+            seqs = self._newest_events(users, width=1)
             offsets = (
                 np.asarray(event_offsets, dtype=np.int64)[keep]
                 if event_offsets is not None else seqs.last_offset
@@ -188,14 +205,14 @@ class RegistryMixin:
                 finally:
                     con.unregister("_published")
 
-            self._transaction(write)
+            self._db.transaction(write)
             return len(users)
 
     def last_published(self, user_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The last recommendation published to each of `user_ids` that has one:
         {user_id: {model_version, items, published_at, event_offset, topic, partition}}."""
-        with self._lock:
-            con = self.con
+        with self._db.lock:
+            con = self._db.con
             query = pa.table({"user_id": pa.array(list(user_ids), pa.string())})
             con.register("_asked", query)
             try:

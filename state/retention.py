@@ -1,23 +1,34 @@
-"""Retention and compaction of the store: trimming old events without touching the state
-derived from them, forgetting old event ids, and rewriting the file to give space back.
-Mixed into `StateStore`."""
+"""`Retention`: trimming old events without touching the state derived from them, forgetting
+old event ids, and compacting the file to give space back."""
 
 from __future__ import annotations
 
 import logging
-import os
 
 import duckdb
 
-from state.errors import StoreError
-from state.schema import migrate
+from state.database import Database
+from state.events import EventStore
 
 log = logging.getLogger(__name__)
 
 
-class RetentionMixin:
-    """Retention and compaction methods of `StateStore` (they use its connection, lock, fold
-    and id memory)."""
+class Retention:
+    """Retention and compaction of a store's file.
+
+    Args:
+        db: the open file.
+        events: the event store (folded before anything is trimmed; owns the id memory).
+        retention_s: `retain()` trims events older than this (event time, s); None keeps all.
+        retention_rows: `retain()` keeps at most this many newest events; None keeps all.
+    """
+
+    def __init__(self, db: Database, events: EventStore, *, retention_s: float | None = None,
+                 retention_rows: int | None = None):
+        self._db = db
+        self._events = events
+        self.retention_s = retention_s
+        self.retention_rows = retention_rows
 
     def trim(
         self,
@@ -43,10 +54,10 @@ class RetentionMixin:
             raise ValueError("max_age_s must be >= 0")
         if max_rows is not None and max_rows < 0:
             raise ValueError("max_rows must be >= 0")
-        with self._lock:
-            con = self._writable()
-            self._fold()
-            window_cut = self._clock() - self.event_id_window_s
+        with self._db.lock:
+            con = self._db.writable()
+            self._events.fold()
+            window_cut = self._events.id_window_start()
             conditions: list[str] = []
             if max_age_s is not None:
                 reference = now
@@ -72,7 +83,6 @@ class RetentionMixin:
                     [window_cut],
                 )
                 removed = con.execute(f"DELETE FROM events WHERE {doomed}").fetchall()[0][0]
-                con.execute("DELETE FROM event_ids WHERE applied_at < $1", [window_cut])
                 con.execute(
                     "DELETE FROM commits c WHERE c.batch_seq < "
                     "(SELECT coalesce(min(batch_seq), 9223372036854775807) FROM events) "
@@ -81,72 +91,34 @@ class RetentionMixin:
                 )
                 return int(removed)
 
-            removed = self._transaction(write)
-            self._dedup.expire(window_cut)
-            log.info("trimmed %d events from %s", removed, self.path)
+            removed = self._db.transaction(write)
+            self._events.forget_ids(window_cut)
+            log.info("trimmed %d events from %s", removed, self._db.path)
             return removed
 
     def retain(self) -> int:
         """`trim` with the configured retention (`retention_s`, `retention_rows`); also forgets
         event ids older than the id window. Returns events deleted."""
-        with self._lock:
+        with self._db.lock:
             if self.retention_s is None and self.retention_rows is None:
-                self._expire_ids()
+                self._db.writable()
+                self._events.forget_ids(self._events.id_window_start())
                 return 0
             return self.trim(self.retention_s, self.retention_rows)
 
-    def _expire_ids(self) -> None:
-        cutoff = self._clock() - self.event_id_window_s
-        self._transaction(
-            lambda con: con.execute("DELETE FROM event_ids WHERE applied_at < $1", [cutoff])
-        )
-        self._dedup.expire(cutoff)
-
     def compact(self) -> dict[str, int]:
-        """Fold, re-aggregate popularity, checkpoint and rewrite the file without the space of
-        deleted rows (DuckDB reuses free blocks but never shrinks a file by itself).
+        """Fold, re-aggregate popularity, forget expired ids, checkpoint and rewrite the file
+        without the space of deleted rows (see `Database.rewrite`).
 
-        The rewrite copies the database to `<file>.compact` and renames it over the file; the
-        lock is released for the instant of the swap. Returns {"bytes_before", "bytes_after"}
-        (0 for ":memory:").
+        Returns:
+            {"bytes_before", "bytes_after"} (0 for ":memory:").
         """
-        with self._lock:
-            con = self._writable()
-            self._fold()
-            self._aggregate_popularity()
-            self._expire_ids()
-            con.execute("CHECKPOINT")
-            if self._memory:
-                return {"bytes_before": 0, "bytes_after": 0}
-            before = os.path.getsize(self.path)
-            tmp = self.path + ".compact"
-            for leftover in (tmp, tmp + ".wal"):
-                if os.path.exists(leftover):
-                    os.remove(leftover)
-            name = con.execute("SELECT current_database()").fetchall()[0][0]
-            con.execute(f"ATTACH '{_sql_str(tmp)}' AS _compact")
-            try:
-                con.execute(f'COPY FROM DATABASE "{name}" TO _compact')
-                con.execute("CHECKPOINT _compact")
-            except BaseException:
-                con.execute("DETACH _compact")
-                os.remove(tmp)
-                raise
-            con.execute("DETACH _compact")
-            if os.path.exists(tmp + ".wal"):  # the copy must be whole in the file itself
-                os.remove(tmp)
-                raise StoreError(f"compaction of {self.path} left a WAL behind; file unchanged")
-            self._con.close()
-            self._con = None
-            try:
-                os.replace(tmp, self.path)
-            finally:
-                self._con = duckdb.connect(self.path, config=dict(self._duck_config))
-            migrate(self._con, path=self.path)
-            after = os.path.getsize(self.path)
-            log.info("compacted %s: %d -> %d bytes", self.path, before, after)
+        with self._db.lock:
+            self._db.writable()
+            self._events.fold()
+            self._events.aggregate_popularity()
+            self._events.forget_ids(self._events.id_window_start())
+            before, after = self._db.rewrite()
+            if before:
+                log.info("compacted %s: %d -> %d bytes", self._db.path, before, after)
             return {"bytes_before": before, "bytes_after": after}
-
-
-def _sql_str(value: str) -> str:
-    return value.replace("'", "''")

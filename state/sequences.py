@@ -5,7 +5,7 @@ left-padded with 0, the newest event in the last column, exactly the layout the 
 Appending a batch is vectorised: the events are grouped per user (stable, so arrival order is
 kept) and every touched row becomes `(old row ++ new events)[-N:]` in one gather.
 
-The mirror is not the truth: the DuckDB file is (see `state.store`). It is rebuilt from the
+The mirror is not the truth: the DuckDB file is (see `state.events`). It is rebuilt from the
 file's snapshot table plus the events applied after the snapshot whenever the store is opened.
 """
 

@@ -1,15 +1,15 @@
-"""Normalising and checking a batch of events before the store applies it.
+"""The batch checks `apply` makes itself: column types and presence (per column, not per row),
+the offsets map, and Kafka order within a partition.
 
-`normalize_events` brings an input table to the store's column types (or raises
-`InvalidEventError` for a missing column or a type that cannot be cast); `check_events` finds the
-rows the store must refuse, vectorised over the whole batch, so a caller can route them to a dead
-letter topic before `apply` (which refuses the whole batch if any row is bad).
+The rows' content (ids, lengths, timestamps, vocabulary of a closed set) is validated once, by
+the stream leaf when it decodes a record (`stream/decode.py`); what fails there goes to the dead
+letter topic and never reaches the store. The store trusts the decoded schema and keeps only its
+own invariants (offsets, event-id duplicates, vocabulary limits: see `state.events`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -36,75 +36,32 @@ EVENT_SCHEMA = pa.schema(
     [pa.field(n, t, nullable=False) for n, t in REQUIRED_COLUMNS.items()]
     + [pa.field(n, t, nullable=True) for n, t in OPTIONAL_COLUMNS.items()]
 )
-# Nullability is checked row by row (with reasons), so the normalised table stays permissive.
 _LOOSE_SCHEMA = pa.schema([pa.field(f.name, f.type, nullable=True) for f in EVENT_SCHEMA])
-#: How many reasons an error message quotes (all of them stay on the exception).
-_QUOTED_REASONS = 5
+#: How many offending rows an error message quotes (all of them stay on the exception).
+QUOTED_ROWS = 5
 
 
-@dataclass(frozen=True)
-class EventRules:
-    """What the store accepts.
-
-    Attributes:
-        behaviours: known behaviour names.
-        open_vocabulary: accept unknown behaviour names (they are appended to the vocabulary).
-        max_id_length: longest user_id / item_id / event_id / behaviour name, in characters.
-        min_timestamp: earliest accepted event time (unix s).
-        max_future_skew_s: latest accepted event time is the wall clock plus this (s).
-    """
-
-    behaviours: frozenset[str]
-    open_vocabulary: bool
-    max_id_length: int
-    min_timestamp: float
-    max_future_skew_s: float
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """Outcome of `check_events`.
-
-    Attributes:
-        valid: bool [n], True for rows the store accepts.
-        reasons: one entry per row: None for a valid row, else why it is refused.
-    """
-
-    valid: np.ndarray
-    reasons: list[str | None]
-
-    @property
-    def ok(self) -> bool:
-        """True when every row is valid."""
-        return bool(self.valid.all())
-
-    def invalid_rows(self) -> np.ndarray:
-        """0-based positions of the refused rows, int64 [k]."""
-        return np.flatnonzero(~self.valid).astype(np.int64)
-
-    def raise_if_invalid(self) -> None:
-        """Raise `InvalidEventError` naming the refused rows, if any."""
-        rows = self.invalid_rows()
-        if rows.size == 0:
-            return
-        reasons = [str(self.reasons[i]) for i in rows]
-        quoted = "; ".join(f"row {r}: {reasons[k]}" for k, r in enumerate(rows[:_QUOTED_REASONS]))
-        more = f" (and {rows.size - _QUOTED_REASONS} more)" if rows.size > _QUOTED_REASONS else ""
-        raise InvalidEventError(
-            f"{rows.size} invalid event(s), nothing written: {quoted}{more}",
-            rows=rows,
-            reasons=reasons,
-        )
+def refuse_rows(rows: np.ndarray, reason: str) -> InvalidEventError:
+    """`InvalidEventError` naming `rows` (0-based input positions, int64 [k]), one reason each."""
+    rows = np.asarray(rows, dtype=np.int64)
+    quoted = ", ".join(str(r) for r in rows[:QUOTED_ROWS].tolist())
+    more = f" (and {rows.size - QUOTED_ROWS} more)" if rows.size > QUOTED_ROWS else ""
+    return InvalidEventError(
+        f"{rows.size} event(s) refused, nothing written: {reason} (rows {quoted}{more})",
+        rows=rows, reasons=[reason] * rows.size,
+    )
 
 
 def normalize_events(events: pa.Table) -> pa.Table:
     """The batch with exactly the store's columns and types (`EVENT_SCHEMA`), one chunk each.
 
     Extra columns are dropped; absent optional columns are added as nulls; compatible types are
-    cast (e.g. large_string, int64 partitions, integer timestamps).
+    cast (e.g. large_string, int64 partitions, integer timestamps). Cost: one check per column;
+    the decoder's tables (`stream.decode.DECODED_SCHEMA`) need no cast.
 
     Raises:
-        InvalidEventError: a required column is absent or a column cannot be cast.
+        InvalidEventError: not a table, a required column absent or holding nulls, or a column
+            that cannot be cast.
     """
     if not isinstance(events, pa.Table):
         raise InvalidEventError(f"events must be a pyarrow.Table, not {type(events).__name__}")
@@ -125,6 +82,9 @@ def normalize_events(events: pa.Table) -> pa.Table:
                         f"column {field.name!r} of type {column.type} cannot be read as "
                         f"{field.type}: {exc}"
                     ) from exc
+            if column.null_count and not field.nullable:
+                rows = np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
+                raise refuse_rows(rows, f"{field.name} is missing")
             column = column.combine_chunks() if column.num_chunks != 1 else column
         else:
             column = pa.chunked_array([pa.nulls(events.num_rows, field.type)])
@@ -132,86 +92,23 @@ def normalize_events(events: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=_LOOSE_SCHEMA)
 
 
-def _np(column: pa.ChunkedArray | pa.Array, fill: object) -> np.ndarray:
-    if column.null_count:
-        column = column.fill_null(fill)
-    return column.to_numpy(zero_copy_only=False)
-
-
-def check_events(events: pa.Table, rules: EventRules, *, now: float) -> CheckResult:
-    """Which rows of a normalised batch the store accepts, and why the others are refused.
-
-    Checks: required values present; ids non-empty and at most `max_id_length` characters;
-    behaviour known (unless the vocabulary is open); timestamp finite, >= `min_timestamp` and at
-    most `now + max_future_skew_s`; partition and offset >= 0; offsets strictly increasing within
-    each (topic, partition) of the batch (Kafka order).
-
-    Args:
-        events: output of `normalize_events`.
-        rules: what is accepted.
-        now: wall clock, unix s.
-    """
+def check_kafka_order(events: pa.Table) -> None:
+    """Raise `InvalidEventError` unless offsets increase strictly within each
+    (topic, partition) of the batch (Kafka order: what the stored next offset relies on)."""
     n = events.num_rows
-    reasons: list[str | None] = [None] * n
-    valid = np.ones(n, dtype=bool)
-
-    def refuse(mask: np.ndarray, reason: str) -> None:
-        if not mask.any():
-            return
-        for i in np.flatnonzero(mask & valid):
-            reasons[i] = reason
-        valid[mask] = False
-
-    for name in REQUIRED_COLUMNS:
-        column = events.column(name)
-        if column.null_count:
-            refuse(column.is_null().to_numpy(zero_copy_only=False), f"{name} is missing")
-
-    names = ["user_id", "item_id", "event_id"] + (["behavior"] if rules.open_vocabulary else [])
-    for name in names:
-        column = events.column(name)
-        # Bytes bound characters from above: count characters only when bytes exceed the limit.
-        size = _np(pc.binary_length(column), -1)
-        present = size >= 0
-        refuse(present & (size == 0), f"{name} is empty")
-        if (size > rules.max_id_length).any():
-            chars = _np(pc.utf8_length(column), -1)
-            refuse(chars > rules.max_id_length,
-                   f"{name} is longer than {rules.max_id_length} characters")
-
-    if not rules.open_vocabulary:
-        behaviour = events.column("behavior")
-        known = _np(pc.is_in(behaviour, value_set=pa.array(sorted(rules.behaviours), pa.string())),
-                    True)
-        for i in np.flatnonzero(~known & valid):
-            reasons[i] = f"unknown behavior {behaviour[int(i)].as_py()!r}"
-        valid[~known] = False
-
-    ts = _np(events.column("timestamp"), 0.0).astype(np.float64)
-    refuse(~np.isfinite(ts), "timestamp is not a finite number")
-    latest = now + rules.max_future_skew_s
-    with np.errstate(invalid="ignore"):
-        refuse(np.isfinite(ts) & (ts < rules.min_timestamp),
-               f"timestamp is before {rules.min_timestamp} (unix s)")
-        refuse(np.isfinite(ts) & (ts > latest),
-               f"timestamp is more than {rules.max_future_skew_s} s in the future "
-               "(unix seconds expected, not milliseconds)")
-
-    partition = _np(events.column("partition"), 0).astype(np.int64)
-    offset = _np(events.column("offset"), 0).astype(np.int64)
-    refuse(partition < 0, "partition is negative")
-    refuse(offset < 0, "offset is negative")
-
-    if n > 1:
-        topic_codes = _np(pc.dictionary_encode(events.column("topic")).combine_chunks().indices, -1)
-        key = (topic_codes.astype(np.int64) << 32) | (partition & 0xFFFFFFFF)
-        order = np.lexsort((np.arange(n), key))
-        same = key[order][1:] == key[order][:-1]
-        not_increasing = same & (offset[order][1:] <= offset[order][:-1])
-        bad = np.zeros(n, dtype=bool)
-        bad[order[1:][not_increasing]] = True
-        refuse(bad, "offset is not above the previous offset of its partition in this batch")
-    return CheckResult(valid=valid, reasons=reasons)
+    if n < 2:
+        return
+    topic_codes = pc.dictionary_encode(events.column("topic")).combine_chunks().indices
+    partition = events.column("partition").to_numpy().astype(np.int64)
+    offset = events.column("offset").to_numpy()
+    key = (topic_codes.to_numpy(zero_copy_only=False).astype(np.int64) << 32) | (
+        partition & 0xFFFFFFFF)
+    order = np.lexsort((np.arange(n), key))
+    same = key[order][1:] == key[order][:-1]
+    not_increasing = same & (offset[order][1:] <= offset[order][:-1])
+    if not_increasing.any():
+        raise refuse_rows(np.sort(order[1:][not_increasing]),
+                          "offset is not above the previous offset of its partition in this batch")
 
 
 def normalize_offsets(offsets: Mapping[tuple[str, int], int]) -> dict[tuple[str, int], int]:
@@ -246,7 +143,8 @@ def _is_int(value: object) -> bool:
 
 
 def behaviour_names_ok(names: Sequence[str], max_id_length: int) -> None:
-    """Raise `ValueError` unless `names` is a non-empty list of unique, non-empty names."""
+    """Raise `ValueError` unless `names` is a non-empty list of unique, non-empty names of at
+    most `max_id_length` characters."""
     if not names:
         raise ValueError("behaviours must name at least one behaviour")
     if len(set(names)) != len(names):

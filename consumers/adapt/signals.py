@@ -101,7 +101,7 @@ class SignalWatch:
 
     def persist(self) -> None:
         """Save the state to the store (a restart resumes from it)."""
-        self.store.save_component_state(STATE_NAME, self.state_bytes(), self.events_applied, time.time())
+        self.store.registry.save_component_state(STATE_NAME, self.state_bytes(), self.events_applied, time.time())
         self._persisted_at = time.monotonic()
 
     def maybe_persist(self) -> None:
@@ -109,7 +109,7 @@ class SignalWatch:
             self.persist()
 
     def _restore(self) -> None:
-        saved = self.store.component_state(STATE_NAME)
+        saved = self.store.registry.component_state(STATE_NAME)
         if saved is None:
             return
         try:
@@ -262,7 +262,7 @@ class SignalWatch:
     def _detected(self, d: Detection, events_applied: int) -> None:
         self.metrics.drifts.labels(d.behaviour, d.signal, d.detector).inc()
         value = self.alpha().get(d.behaviour, self.settings.behaviours.default_alpha)
-        self.store.record_drift(time.time(), d.behaviour, d.detector, d.signal, d.value, value, value)
+        self.store.registry.record_drift(time.time(), d.behaviour, d.detector, d.signal, d.value, value, value)
         self.log.append({"kind": "detection", "events_applied": events_applied, "behaviour": d.behaviour,
                          "signal": d.signal, "detector": d.detector})
         if self.monitor.policy.measures_gradients and self.request_similarity is not None:
@@ -273,7 +273,7 @@ class SignalWatch:
         measured = "post-detection conversion" if c.basis == "conversion" else "gradient cosine with the target"
         reason = f"{self.cfg.policy} policy {trigger}: {measured} {c.estimate:.3f} (at {events_applied} events)"
         self.set_alpha({c.behaviour: c.new}, reason)
-        self.store.record_drift(time.time(), c.behaviour, c.detection.detector if c.detection else c.basis,
+        self.store.registry.record_drift(time.time(), c.behaviour, c.detection.detector if c.detection else c.basis,
                                 f"reweight:{c.detection.signal if c.detection else 'scheduled'}",
                                 c.estimate, c.old, c.new)
         self.log.append({"kind": "alpha", "events_applied": events_applied, "behaviour": c.behaviour,

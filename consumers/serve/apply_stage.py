@@ -40,7 +40,6 @@ from consumers.serve.serving_model import ServingModel
 from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
 from consumers.training.link import TrainerLink
-from state.errors import InvalidEventError
 from state.store import StateStore
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator
@@ -263,9 +262,7 @@ class ApplyStage:
             version, scorer = self.serving.current
             job = self.signals.prepare(events, self._not_yet_applied(events),
                                        scorer if self.cfg.has_model else None, version, self.events_applied_total)
-        result, refused = self._apply(events, batch.offsets, batch.records)
-        if refused and not self._deliver_dead_letters(refused, None):
-            log.error("%d dead letters of rows the store refused were not acknowledged", len(refused))
+        result = self.store.apply(events, batch.offsets)
         self.publisher.touch(result.touched_users, time.monotonic())
         if job is not None:
             self.publisher.submit(job)
@@ -304,27 +301,6 @@ class ApplyStage:
         self.rewind_wanted.set()
         return False
 
-    def _apply(self, events: pa.Table, offsets: dict[tuple[str, int], int], records: list) -> tuple:
-        """Apply the batch; rows the store refuses although the decoder passed them (its rules
-        are the same settings, so this should not happen) become dead letters, and the rest is
-        applied, rather than the loop stopping on them."""
-        try:
-            return self.store.apply(events, offsets), []
-        except InvalidEventError as exc:
-            if exc.rows.size == 0:
-                raise
-            by_position = {(r.partition, r.offset): r for r in records}
-            partitions, positions = events.column("partition").to_pylist(), events.column("offset").to_pylist()
-            refused = [
-                self.validator.dead_letter(by_position[(partitions[row], positions[row])], "invalid_event",
-                                           f"refused by the state store: {reason}")
-                for row, reason in zip(exc.rows.tolist(), exc.reasons, strict=True)
-            ]
-            log.warning("the state store refused %d events the decoder accepted: %s", len(refused), exc)
-            keep = np.ones(events.num_rows, dtype=bool)
-            keep[exc.rows] = False
-            return self.store.apply(events.filter(keep), offsets), refused
-
     def _not_yet_applied(self, events: pa.Table) -> np.ndarray:
         """Rows of `events` whose offset the store has not consumed (redeliveries are not)."""
         if events.num_rows == 0:
@@ -359,7 +335,7 @@ class ApplyStage:
             self.signals.maybe_persist()
         if time.monotonic() - self._retained_at >= self.cfg.retain_every_s:
             self._retained_at = time.monotonic()
-            if trimmed := self.store.retain():
+            if trimmed := self.store.retention.retain():
                 log.info("retention trimmed %d applied events", trimmed)
 
     def describe(self) -> dict[str, Any]:

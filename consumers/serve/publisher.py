@@ -403,7 +403,7 @@ class Publisher:
         for user, (items, version, at, offset) in unrecorded.items():
             by_version.setdefault(version, []).append((user, items, at, offset))
         for version, rows in by_version.items():
-            self.store.record_published(
+            self.store.registry.record_published(
                 [r[0] for r in rows], version, [r[1] for r in rows],
                 published_at=max(r[2] for r in rows), event_offsets=[r[3] for r in rows],
             )

@@ -70,8 +70,6 @@ def open_store(settings: CasmSettings, read_only: bool = False) -> StateStore:
         behaviours=settings.behaviours.names,
         open_vocabulary=settings.events.open_vocabulary,
         max_id_length=settings.events.max_id_length,
-        min_timestamp=settings.events.min_timestamp,
-        max_future_skew_s=settings.events.max_future_skew_s,
         read_only=read_only,
     )
 
@@ -167,7 +165,7 @@ class Service:
         if not users:
             return
         newest = self.store.sequences(users, width=1).last_offset
-        published = self.store.last_published(users)
+        published = self.store.registry.last_published(users)
         def reflected(user: str) -> int:
             offset = published.get(user, {}).get("event_offset")
             return -1 if offset is None else offset
@@ -363,7 +361,7 @@ class Service:
             old = dict(self.alpha)
             self.alpha = {**self.alpha, **alpha}
             current = dict(self.alpha)
-        self.store.record_alpha(time.time(), current, reason)
+        self.store.registry.record_alpha(time.time(), current, reason)
         for name, value in alpha.items():
             self.metrics.alpha.labels(name).set(value)
             if old.get(name) != value:

@@ -19,6 +19,7 @@ import numpy as np
 from consumers.serve.serving_model import ServingModel
 from consumers.settings import CasmSettings
 from consumers.serve.telemetry import ServiceMetrics
+from consumers.training.sampling import sample_training_sequences
 from consumers.training.worker import (
     NothingTrained,
     Similarity,
@@ -102,7 +103,7 @@ class TrainerLink:
         behaviours = self.settings.behaviours.model_dump()
         behaviours["names"] = self.store.behaviour_names()
         checkpoint, version = None, 0
-        latest = self.store.latest_model()
+        latest = self.store.registry.latest_model()
         if latest and Path(latest["checkpoint_path"]).exists():
             checkpoint, version = latest["checkpoint_path"], int(latest["version"])
             log.info("resuming from model version %d (%s)", version, checkpoint)
@@ -115,7 +116,7 @@ class TrainerLink:
             log.info("starting from the offline checkpoint %s", checkpoint)
         else:
             log.info("no model yet: the model learns from the stream (popularity until the first version)")
-        history = self.store.alpha_history()
+        history = self.store.registry.alpha_history()
         if history:
             behaviours["alpha"] = {**behaviours["alpha"], **history[-1]["alpha"]}
         item_ids = self.store.item_ids()
@@ -180,8 +181,8 @@ class TrainerLink:
     def _feed_now(self, users: list[str], events_applied: int, steps: int | None) -> None:
         width = self.settings.model.max_len + 1
         if not self._seeded:  # a fresh process: its reservoir starts from the store's users
-            sample = self.store.sample_training_sequences(
-                self.cfg.replay_reservoir_users, seed=self.settings.train.seed, recent_fraction=0.0,
+            sample = sample_training_sequences(
+                self.store, self.cfg.replay_reservoir_users, seed=self.settings.train.seed, recent_fraction=0.0,
                 min_length=2, width=width)
             if len(sample):
                 self._send(sample.user_ids, sample.items, sample.behaviours, events_applied, None, seed=True)
@@ -297,7 +298,7 @@ class TrainerLink:
             "events_applied": float(trained.events_applied),
         }
         metrics.update({f"loss.{b}": v for b, v in trained.loss_by_behaviour.items()})
-        self.store.register_model(trained.version, time.time(), trained.alpha, metrics, trained.checkpoint_path or "")
+        self.store.registry.register_model(trained.version, time.time(), trained.alpha, metrics, trained.checkpoint_path or "")
         self._prune_checkpoints()
         self.versions_adopted += 1
         self.training_log.append({"version": trained.version, **metrics})

@@ -197,7 +197,7 @@ def test_popularity_is_counted_per_behaviour() -> None:
 
 
 def test_failed_write_rolls_back_everything_and_the_store_keeps_working(monkeypatch) -> None:
-    import state.store as store_module
+    import state.events as store_module
     from state import StoreError
 
     with open_store() as store:

@@ -41,7 +41,7 @@ def test_reopen_rebuilds_the_same_state(tmp_path: Path, fold_events: int) -> Non
     store = open_store(path, fold_events=fold_events, sequence_length=6)
     _apply_log(store, log, batches=12)
     before = state_dump(store)
-    store._disconnect()  # as if the process died: nothing folded on the way out
+    store.db.close()  # as if the process died: nothing folded on the way out
     with open_store(path, fold_events=fold_events, sequence_length=6) as reopened:
         assert state_dump(reopened) == before
         _apply_log(reopened, log)
@@ -109,8 +109,8 @@ def test_from_config(tmp_path: Path) -> None:
     cfg = StoreConfig(path=tmp_path / "deep" / "dir" / "s.duckdb", sequence_length=7,
                       fold_events=3, retention_days=2.0, threads=1, memory_limit="512MB")
     with StateStore.from_config(cfg, behaviours=BEHAVIOURS, clock=clock) as store:
-        assert store.sequence_length == 7 and store.fold_events == 3
-        assert store.retention_s == 2 * 86_400.0
+        assert store.sequence_length == 7 and store.events.fold_events == 3
+        assert store.retention.retention_s == 2 * 86_400.0
         assert store.con.execute("SELECT current_setting('threads')").fetchall()[0][0] == 1
     assert cfg.path.exists()
 
@@ -129,9 +129,9 @@ def test_closed_and_read_only_stores_refuse_work(tmp_path: Path) -> None:
     with open_store(path, read_only=True) as ro:
         assert ro.offsets(TOPIC) == {0: 2}
         np.testing.assert_array_equal(ro.sequences(["a"]).lengths, [2])
-        for write in (lambda: ro.apply(_many("b", 1)), ro.fold, ro.compact,
-                      lambda: ro.trim(max_rows=1),
-                      lambda: ro.record_alpha(1.0, {"pv": 1.0}, "x")):
+        for write in (lambda: ro.apply(_many("b", 1)), ro.fold, ro.retention.compact,
+                      lambda: ro.retention.trim(max_rows=1),
+                      lambda: ro.registry.record_alpha(1.0, {"pv": 1.0}, "x")):
             with pytest.raises(ReadOnlyStoreError):
                 write()
 

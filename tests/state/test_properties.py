@@ -120,7 +120,7 @@ def test_reopening_between_batches_gives_the_same_state(evs, cuts, fold_events) 
             if k % 2:
                 store.close()
             else:
-                store._disconnect()  # no fold on the way out
+                store.db.close()  # no fold on the way out
         with open_store(path, sequence_length=3) as store:
             assert _observed(store) == _expected(rows, 3)
 

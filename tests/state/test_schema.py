@@ -52,8 +52,8 @@ def test_version_1_file_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
         assert _versions_open(store) == list(range(1, SCHEMA_VERSION + 1))
         assert store.offsets(TOPIC) == {0: 1}
         assert store.sequences(["a"]).lengths.tolist() == [1]
-        store.register_model(1, 1.0, {"pv": 1.0}, {}, "m1.pt")
-        assert store.latest_model()["version"] == 1
+        store.registry.register_model(1, 1.0, {"pv": 1.0}, {}, "m1.pt")
+        assert store.registry.latest_model()["version"] == 1
         store.apply(simple(["a"], ["y"], start=1))
 
 

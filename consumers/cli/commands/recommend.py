@@ -37,7 +37,7 @@ def recommend(settings: CasmSettings, users: list[str], k: int, checkpoint: Path
     or `serve.recommender` is popularity), with the same exclusions (`consumers.serve.ranking`)."""
     with open_store(settings, read_only=True) as store:
         if checkpoint is None:
-            latest = store.latest_model()
+            latest = store.registry.latest_model()
             checkpoint = Path(latest["checkpoint_path"]) if latest and latest["checkpoint_path"] else None
         item_ids = store.item_ids()
         sequences = store.sequences(users, width=settings.model.max_len)

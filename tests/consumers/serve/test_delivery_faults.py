@@ -129,7 +129,7 @@ def test_broker_stopped_while_publishing(kafka_config, topic_names, tmp_path: Pa
         while service.producer.backlog and time.monotonic() < deadline:
             time.sleep(0.1)
         service.publisher.record_published()
-        assert service.store.last_published(users) == {}  # nothing marked published without an ack
+        assert service.store.registry.last_published(users) == {}  # nothing marked published without an ack
         assert service.publisher.recommendations == 0
         assert not service.health()[0]
         service.cfg.refresh_max_delay_ms = 0  # from now on lists go out as soon as they can
@@ -139,7 +139,7 @@ def test_broker_stopped_while_publishing(kafka_config, topic_names, tmp_path: Pa
         steps_until(service, lambda: service.publisher.pending == 0 and service.producer.backlog == 0
                     and service.publisher.recommendations >= len(users), 90, "every user served after the return")
         service.publisher.record_published()
-        assert set(service.store.last_published(users)) == set(users)
+        assert set(service.store.registry.last_published(users)) == set(users)
         assert served_users(settings, bootstrap) == set(users)
     finally:
         if service is not None:

@@ -101,7 +101,7 @@ def snapshot(settings: CasmSettings, store_path: Path) -> dict:
             "popularity": {ids[i]: int(n) for i, n in enumerate(popularity.tolist()) if i},
             "sequences": {u: ([ids[i] for i in seqs.items[k].tolist()], seqs.behaviours[k].tolist(), int(seqs.n_events[k]))
                           for k, u in enumerate(seqs.user_ids)},
-            "published": sorted(store.last_published(users)),
+            "published": sorted(store.registry.last_published(users)),
         }
 
 

@@ -149,10 +149,10 @@ def test_serve_publishes_fresh_recommendations_and_learns_clusters(
     assert sum(item["item_id"] in {f"item{i}" for i in cluster_a} for item in probe_rec["items"]) >= 4
     # Every version was registered with its checkpoint; the last few are kept on disk.
     with service_store(settings) as store:
-        models = store.models()
+        models = store.registry.models()
         assert [m["version"] for m in models] == [1, 2, 3, 4]
         assert all(Path(m["checkpoint_path"]).name == f"casm-v{m['version']:06d}.pt" for m in models)
-        assert store.last_published(["probe"])["probe"]["model_version"] == 4
+        assert store.registry.last_published(["probe"])["probe"]["model_version"] == 4
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == settings.serve.keep_checkpoints
 
 
@@ -198,38 +198,6 @@ def test_a_new_item_is_recommendable_after_the_next_fine_tune(
         service.run(until=lambda s: True)
 
 
-def test_rows_the_store_refuses_become_dead_letters_and_the_rest_is_applied(
-    kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
-) -> None:
-    from state.errors import InvalidEventError
-
-    settings = service_settings(tmp_path, kafka_config, topic_names)
-    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
-    events = [{"user_id": "u", "item_id": f"i{k}", "behavior": "pv", "timestamp": 1.7e9 + k} for k in range(3)]
-    produce(kafka_bootstrap, settings, events)
-    service = Service(settings, kafka_bootstrap)
-    apply = service.store.apply
-
-    def stricter(table, offsets):
-        if "i1" in table.column("item_id").to_pylist():
-            row = table.column("item_id").to_pylist().index("i1")
-            raise InvalidEventError("one bad row", rows=[row], reasons=["a rule the decoder lacks"])
-        return apply(table, offsets)
-
-    service.store.apply = stricter
-    try:
-        run_until(service, lambda: service.report.events_applied == 2 and service.publisher.pending == 0)
-        assert service.report.dead_letters == 1
-        assert sum(service.store.offsets(settings.topics.behaviours).values()) == 3  # the refused one is consumed too
-    finally:
-        service.stop()
-        service.run(until=lambda s: True)
-    letters = read_topic(settings.kafka, kafka_bootstrap, settings.topics.dead_letters, timeout_s=30)
-    assert len(letters) == 1
-    letter = json.loads(letters[0].value)
-    assert letter["kind"] == "invalid_event" and "refused by the state store" in letter["reason"]
-
-
 def test_the_recent_baseline_is_served_through_the_same_path_without_training(
     kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
@@ -251,7 +219,7 @@ def test_the_recent_baseline_is_served_through_the_same_path_without_training(
         service.stop()
         service.run(until=lambda s: True)
     with service_store(settings) as store:
-        assert store.models() == []
+        assert store.registry.models() == []
     last = {r.key.decode(): json.loads(r.value)
             for r in read_topic(settings.kafka, kafka_bootstrap, settings.topics.recommendations, timeout_s=30)}
     items = [i["item_id"] for i in last["u0"]["items"]]
@@ -332,4 +300,4 @@ def test_a_dead_trainer_is_restarted_from_its_checkpoint_and_ingestion_goes_on(
         service.stop()
         service.run(until=lambda s: True)
     with service_store(settings) as store:
-        assert [m["version"] for m in store.models()] == [1, 2]
+        assert [m["version"] for m in store.registry.models()] == [1, 2]
