@@ -21,13 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from kafka import KafkaProducer
 
 from casm_core.scoring import Scorer
 from consumers.adapt.drift import AlphaChange, Detection, DriftMonitor
 from consumers.adapt.event_scoring import EventScores, score_events
-from consumers.settings import CasmSettings
 from consumers.serve.telemetry import ServiceMetrics
+from consumers.settings import CasmSettings
+from state.events import ApplyResult
 from state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class SignalWatch:
         self.request_similarity = request_similarity
         self.monitor = DriftMonitor(self.cfg, settings.behaviours.target)
         self._watched_users: dict[str, bool] = {}
+        self._other_rng = np.random.default_rng(self.cfg.seed + 1)  # the apply thread's (self.rng: the signals')
         self._excluded: list[int] | None = None
         self._hash_key = self.cfg.seed.to_bytes(8, "little", signed=True)
         self.rng = np.random.default_rng(self.cfg.seed)
@@ -158,40 +161,29 @@ class SignalWatch:
             out[i] = inside
         return out
 
-    def prepare(self, events: pa.Table, rows: np.ndarray, scorer: Scorer | None, version: int,
+    def prepare(self, events: pa.Table, applied: ApplyResult, scorer: Scorer | None, version: int,
                 events_applied: int) -> SignalJob:
-        """Capture the batch's view before it is applied (ingest thread): the rows of the watched
-        users (`watched`), all of them, so that each user's earlier events of the batch are in
-        the windows its later ones are ranked after."""
-        if self.cfg.user_share < 1.0 and events.num_rows:
-            keep = np.flatnonzero(self.watched(events.column("user_id").to_pylist()))
-            position = np.full(events.num_rows, -1, dtype=np.int64)
-            position[keep] = np.arange(keep.size)
-            rows = position[rows]
-            rows = rows[rows >= 0]
-            events = events.take(pa.array(keep))
-        behaviours = events.column("behavior").to_pylist()
-        target = self.settings.behaviours.target
+        """The batch as the model of its moment saw it (apply thread), from what the store's
+        `apply(..., before_width=model.max_len)` returned, so the store is not read again: the
+        applied rows of the watched users (`watched`), all of them, with those users' windows
+        before the batch, so that each user's earlier events of the batch are in the windows its
+        later ones are ranked after. `events_applied`: events in the store before the batch."""
+        watched = self.watched(applied.user_ids)
+        keep = applied.rows[watched[applied.user_codes[applied.rows]]]
+        events = events.take(pa.array(keep))
+        rows = np.arange(keep.size, dtype=np.int64)
+        users = np.flatnonzero(watched)
+        code = np.full(watched.size, -1, dtype=np.int64)
+        code[users] = np.arange(users.size)
         scored = np.zeros(0, dtype=np.int64)
         if scorer is not None and rows.size:
             # Every target event is ranked (evaluation needs them all); the others in a share.
-            is_target = np.fromiter((behaviours[r] == target for r in rows.tolist()), dtype=bool, count=rows.size)
-            scored = rows[is_target | (self.rng.random(rows.size) < self.cfg.score_other_fraction)]
-        if scored.size == 0:
-            empty = np.zeros((0, self.settings.model.max_len), dtype=np.int64)
-            return SignalJob(events, rows, scored, None, version, empty, empty,
-                             *(np.zeros(0, dtype=np.int64),) * 3, events_applied)
-        users, user_codes = np.unique(
-            np.asarray(events.column("user_id").to_pylist(), dtype=object).astype(str), return_inverse=True
-        )
-        stored = self.store.sequences(users.tolist(), width=self.settings.model.max_len)
-        lookup = {name: i + 1 for i, name in enumerate(self.store.behaviour_names())}
+            is_target = pc.equal(events.column("behavior"), self.settings.behaviours.target).to_numpy(zero_copy_only=False)
+            scored = rows[is_target | (self._other_rng.random(rows.size) < self.cfg.score_other_fraction)]
         return SignalJob(
-            events, rows, scored, scorer, version, stored.items, stored.behaviours,
-            user_codes.reshape(-1),
-            self.store.item_index(events.column("item_id").to_pylist()),
-            np.fromiter((lookup.get(b, 0) for b in behaviours), dtype=np.int64, count=len(behaviours)),
-            events_applied,
+            events, rows, scored, scorer if scored.size else None, version,
+            applied.before_items[users], applied.before_behaviours[users], code[applied.user_codes[keep]],
+            applied.item_idx[keep], applied.behaviour_idx[keep], events_applied,
         )
 
     def process(self, job: SignalJob) -> None:

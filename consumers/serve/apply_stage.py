@@ -257,15 +257,13 @@ class ApplyStage:
             return  # held back: read again, nothing applied
         if conflicts:
             self.metrics.conflicting_duplicates.inc(len(conflicts))
-        job = None
-        if self.signals is not None:
-            version, scorer = self.serving.current
-            job = self.signals.prepare(events, self._not_yet_applied(events),
-                                       scorer if self.cfg.has_model else None, version, self.events_applied_total)
-        result = self.store.apply(events, batch.offsets)
+        version, scorer = self.serving.current  # the model of the batch's moment, for the signals
+        result = self.store.apply(events, batch.offsets,
+                                  before_width=None if self.signals is None else self.settings.model.max_len)
         self.publisher.touch(result.touched_users, time.monotonic())
-        if job is not None:
-            self.publisher.submit(job)
+        if self.signals is not None:
+            self.publisher.submit(self.signals.prepare(events, result, scorer if self.cfg.has_model else None,
+                                                       version, self.events_applied_total))
         self.trainer.touched(result.touched_users, result.applied)
         self.events_applied_total += result.applied
         self.totals.events_applied += result.applied
@@ -300,15 +298,6 @@ class ApplyStage:
             self._rewind_through = max(self._rewind_through, batch.generation)
         self.rewind_wanted.set()
         return False
-
-    def _not_yet_applied(self, events: pa.Table) -> np.ndarray:
-        """Rows of `events` whose offset the store has not consumed (redeliveries are not)."""
-        if events.num_rows == 0:
-            return np.zeros(0, dtype=np.int64)
-        stored = self.store.offsets(self.settings.topics.behaviours)
-        partitions = events.column("partition").to_numpy()
-        next_offsets = np.array([stored.get(int(p), 0) for p in range(int(partitions.max()) + 1)])
-        return np.flatnonzero(events.column("offset").to_numpy() >= next_offsets[partitions])
 
     # ------------------------------------------------------------------- housekeeping
     def trainer_step(self, wait_publisher: Callable[[], None] | None = None) -> None:

@@ -25,11 +25,11 @@ import numpy as np
 
 from casm_core.baselines import RecentItems
 from casm_core.scoring import Scorer
+from consumers.adapt.signals import SignalJob, SignalWatch
 from consumers.serve.ranking import PopularItems, RankedList, Ranker, exclusions, ranked_lists
 from consumers.serve.serving_model import ServingModel
-from consumers.settings import CasmSettings
-from consumers.adapt.signals import SignalJob, SignalWatch
 from consumers.serve.telemetry import ServiceMetrics
+from consumers.settings import CasmSettings
 from state.store import StateStore
 from stream.delivery import AcknowledgedProducer
 

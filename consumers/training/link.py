@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from consumers.serve.serving_model import ServingModel
-from consumers.settings import CasmSettings
 from consumers.serve.telemetry import ServiceMetrics
+from consumers.settings import CasmSettings
 from consumers.training.sampling import sample_training_sequences
 from consumers.training.worker import (
     NothingTrained,

@@ -68,8 +68,10 @@ def test_the_max_profile_applies_below_every_explicit_setting(tmp_path: Path, mo
     assert explicit.topics.partitions == 3 and explicit.kafka.max_poll_records == 100  # command line over it
     assert explicit.serve.refresh_max_delay_ms == 0  # what nothing explicit replaced still applies
 
-    paced = settings_of(*base, "--rate", "100/s")  # paced: no profile
+    paced = settings_of(*base, "--rate", "100/s")  # paced: only the evaluation profile
     assert (paced.live.clock, paced.topics.partitions, paced.kafka.max_poll_records) == ("wall", 4, 2000)
+    assert paced.drift.user_share == 1.0 and settings_of("serve").drift.user_share < 1.0
+    assert settings_of(*base, "--rate", "100/s", "--drift.user-share", "0.5").drift.user_share == 0.5
 
 
 def test_the_profile_reports_what_it_applied_and_what_was_replaced(tmp_path: Path) -> None:

@@ -29,7 +29,14 @@ HELP = "Replay a log through broker + casm serve and score the published recomme
 
 log = logging.getLogger(__name__)
 
+EVALUATION = Profile("evaluate-stream", {
+    "drift.user_share": (1.0, "every user watched: the report's test-then-train hit rate is over every target "
+                         "event, as in earlier rounds (a service samples them: `casm serve` defaults to a share)"),
+})
+"""What every `evaluate-stream` run changes, below every explicit setting."""
+
 FULL_SPEED = Profile("evaluate-stream --max", {
+    **EVALUATION.settings,
     "live.clock": ("event_order", "wall-clock order is meaningless when the whole log is produced first"),
     "serve.training": ("deterministic", "a fixed number of steps per 1,000 events, ingestion waiting for "
                        "each round: results do not depend on the machine's speed and two runs agree"),
@@ -77,8 +84,8 @@ def _fastest(args: argparse.Namespace) -> bool:
 
 
 def profile(args: argparse.Namespace) -> Profile | None:
-    """The full-speed profile at --max (and when no pace is given)."""
-    return FULL_SPEED if _fastest(args) else None
+    """The full-speed profile at --max (and when no pace is given), else the evaluation profile."""
+    return FULL_SPEED if _fastest(args) else EVALUATION
 
 
 def default_preset(args: argparse.Namespace) -> str | None:
@@ -143,7 +150,7 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "scheduled_drifts": scheduled_drifts,
         "window_events": settings.live.window_events,
         "training_mode": settings.serve.training,
-        "profile": dict(zip(("applied", "replaced"), FULL_SPEED.outcome(settings), strict=True)) if fastest else None,
+        "profile": dict(zip(("applied", "replaced"), profile(args).outcome(settings), strict=True)),
         "prequential": result.prequential,
         "cold_users": {
             "threshold": threshold,
