@@ -208,3 +208,15 @@ class SyntheticLog:
                 if not r.dead_letter and r.retry_of is None:
                     out.setdefault(r.user_id, []).append((r.item_id, r.behavior))
         return {u: s[-length:] for u, s in out.items()}
+
+
+def store_with_users(count: int, events_per_user: int = 2, **kwargs):
+    """A store holding `count` users u0.. with `events_per_user` events each, applied in rounds
+    (every user's k-th event in round k)."""
+    store = open_store(**kwargs)
+    offset = 0
+    for k in range(events_per_user):
+        users = [f"u{i}" for i in range(count)]
+        store.apply(simple(users, [f"i{(i + k) % 7}" for i in range(count)], start=offset))
+        offset += count
+    return store

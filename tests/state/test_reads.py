@@ -5,17 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.state._synth import open_store, simple
-
-
-def _store_with_users(count: int, events_per_user: int = 2, **kwargs):
-    store = open_store(**kwargs)
-    offset = 0
-    for k in range(events_per_user):
-        users = [f"u{i}" for i in range(count)]
-        store.apply(simple(users, [f"i{(i + k) % 7}" for i in range(count)], start=offset))
-        offset += count
-    return store
+from tests.state._synth import open_store, simple, store_with_users
 
 
 def test_width_keeps_the_newest_events_or_pads_more() -> None:
@@ -32,7 +22,7 @@ def test_width_keeps_the_newest_events_or_pads_more() -> None:
 
 
 def test_sequences_of_repeated_and_empty_user_lists() -> None:
-    with _store_with_users(3) as store:
+    with store_with_users(3) as store:
         seqs = store.sequences(["u1", "u1", "zz"])
         np.testing.assert_array_equal(seqs.items[0], seqs.items[1])
         assert seqs.user_ids == ["u1", "u1", "zz"]
@@ -43,7 +33,7 @@ def test_sequences_of_repeated_and_empty_user_lists() -> None:
 
 
 def test_stats_and_partitions() -> None:
-    with _store_with_users(4) as store:
+    with store_with_users(4) as store:
         stats = store.stats()
         assert stats["users"] == 4 and stats["events_held"] == 8
         assert stats["events_applied"] == 8 and stats["batches"] == 2

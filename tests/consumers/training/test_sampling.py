@@ -7,21 +7,11 @@ import numpy as np
 import pytest
 
 from consumers.training.sampling import sample_training_sequences
-from tests.state._synth import open_store, simple
-
-
-def _store_with_users(count: int, events_per_user: int = 2, **kwargs):
-    store = open_store(**kwargs)
-    offset = 0
-    for k in range(events_per_user):
-        users = [f"u{i}" for i in range(count)]
-        store.apply(simple(users, [f"i{(i + k) % 7}" for i in range(count)], start=offset))
-        offset += count
-    return store
+from tests.state._synth import simple, store_with_users
 
 
 def test_training_sample_takes_recent_users_first_then_a_uniform_share() -> None:
-    with _store_with_users(50) as store:
+    with store_with_users(50) as store:
         # Touch u7, u3, u9 last (u9 the most recent).
         store.apply(simple(["u7", "u3", "u9"], ["a", "b", "c"], start=100))
         sample = sample_training_sequences(store, 10, seed=1, recent_fraction=0.3)
@@ -39,7 +29,7 @@ def test_training_sample_takes_recent_users_first_then_a_uniform_share() -> None
 
 
 def test_training_sample_draws_the_recent_share_from_a_pool() -> None:
-    with _store_with_users(40) as store:
+    with store_with_users(40) as store:
         sample = sample_training_sequences(store, 8, seed=3, recent_fraction=0.5,
                                                  recent_users=10)
         recent_pool = {f"u{i}" for i in range(30, 40)}  # the last ten touched
@@ -49,7 +39,7 @@ def test_training_sample_draws_the_recent_share_from_a_pool() -> None:
 
 
 def test_training_sample_edge_cases() -> None:
-    with _store_with_users(5) as store:
+    with store_with_users(5) as store:
         everyone = sample_training_sequences(store, 100, seed=0, recent_fraction=1.0)
         assert sorted(everyone.user_ids) == [f"u{i}" for i in range(5)]
         assert everyone.user_ids == [f"u{i}" for i in range(4, -1, -1)]  # all recent
@@ -64,7 +54,7 @@ def test_training_sample_edge_cases() -> None:
 
 
 def test_training_sample_respects_min_length() -> None:
-    with _store_with_users(6, events_per_user=1) as store:
+    with store_with_users(6, events_per_user=1) as store:
         store.apply(simple(["u2", "u4"], ["a", "b"], start=50))
         sample = sample_training_sequences(store, 10, seed=0, recent_fraction=0.8, min_length=2)
         assert sorted(sample.user_ids) == ["u2", "u4"]
