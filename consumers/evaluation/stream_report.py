@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from consumers.evaluation.prequential import ranking_metrics  # noqa: E402
+from casm_core.metrics import metrics_of_lists  # noqa: E402
 
 
 def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, window_events: int,
@@ -36,13 +36,13 @@ def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, w
         "scored_events": len(scores),
         "target_events": len(target_rows),
         "target_unknown_item": len(target_rows) - len(known),
-        "sampled": ranking_metrics(ranks(known, "rank_sampled"), k),
-        "full": ranking_metrics(ranks(known, "rank_full"), k),
-        "full_all": ranking_metrics(ranks(target_rows, "rank_full"), k),
+        "sampled": metrics_of_lists(ranks(known, "rank_sampled"), k),
+        "full": metrics_of_lists(ranks(known, "rank_full"), k),
+        "full_all": metrics_of_lists(ranks(target_rows, "rank_full"), k),
         "num_sampled": scores[0]["num_sampled"] if scores else None,
         "by_behaviour": {
-            b: {"sampled": ranking_metrics(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_sampled"), k),
-                "full": ranking_metrics(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_full"), k)}
+            b: {"sampled": metrics_of_lists(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_sampled"), k),
+                "full": metrics_of_lists(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_full"), k)}
             for b, rows in sorted(by_behaviour.items())
         },
     }
@@ -53,8 +53,8 @@ def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, w
             windows[position // window_events].append(r)
     result["by_window"] = [
         {"start": w * window_events, "end": (w + 1) * window_events,
-         **{f"sampled_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_sampled"), k).items()},
-         **{f"full_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_full"), k).items()}}
+         **{f"sampled_{m}": v for m, v in metrics_of_lists(ranks(rows, "rank_sampled"), k).items()},
+         **{f"full_{m}": v for m, v in metrics_of_lists(ranks(rows, "rank_full"), k).items()}}
         for w, rows in sorted(windows.items())
     ]
     return result
