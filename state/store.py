@@ -85,7 +85,7 @@ from state.validate import (
     normalize_events,
     normalize_offsets,
 )
-from state.vocab import Vocabulary, encode
+from state.vocab import StagedVocabulary, encode
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +433,7 @@ class StateStore(RegistryMixin, RetentionMixin):
         con = self.con
         self._load_behaviours(con)
         items = con.sql("SELECT item_id FROM items ORDER BY idx").to_arrow_table()
-        self._items = Vocabulary(items.column(0).to_pylist())
+        self._items = StagedVocabulary(items.column(0).to_pylist())
         counters = con.execute("SELECT folded_seq, batch_seq FROM counters").fetchall()[0]
         max_seq = con.execute("SELECT max(seq) FROM events").fetchall()[0][0]
         max_batch = con.execute("SELECT max(batch_seq) FROM commits").fetchall()[0][0]
@@ -508,7 +508,7 @@ class StateStore(RegistryMixin, RetentionMixin):
                 f"vocabulary is {configured}; indices would change. Configure the file's order "
                 "(new names may only be appended) or use another file"
             )
-        self._behaviours = Vocabulary(names)
+        self._behaviours = StagedVocabulary(names)
 
     def _load_snapshot(self, con: duckdb.DuckDBPyConnection) -> None:
         snap = con.sql(f"SELECT {_USER_COLUMNS} FROM users ORDER BY first_seq, user_id").to_arrow_table()

@@ -179,7 +179,7 @@ def write_report(folder: Path, metrics: dict[str, Any], freshness_ms: list[float
                metrics["serve"].get("events_applied", 0))
     plot_throughput(folder / "throughput.png", metrics["timeline"])
     path = folder / "report.md"
-    path.write_text(format_report(metrics))
+    path.write_text(format_stream_report(metrics))
     return path
 
 
@@ -187,7 +187,10 @@ def _f(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_report(m: dict[str, Any]) -> str:
+def format_stream_report(m: dict[str, Any]) -> str:
+    """report.md of a stream evaluation (`casm evaluate-stream`) from its metrics.json dict `m`:
+    the published lists' prequential metrics, test-then-train ranks, freshness, per-window
+    figures. Not the demo's short summary (`consumers.cli.commands.demo.format_demo_report`)."""
     k, pq, tt, serve = m["k"], m["prequential"], m["test_then_train"], m["serve"]
     lines = [
         f"# Stream evaluation: {m['data']}",
