@@ -10,7 +10,13 @@ import pytest
 
 from consumers.serve.service import Service
 from stream.topics import ensure_topics
-from tests.consumers.serve.test_service import cluster_events, fine_tune, produce, run_until, service_settings
+from tests.consumers.serve.test_service import (
+    cluster_events,
+    fine_tune,
+    produce,
+    run_until,
+    service_settings,
+)
 
 pytestmark = pytest.mark.integration
 
