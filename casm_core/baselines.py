@@ -19,7 +19,8 @@ def _fill_scores(counts: np.ndarray) -> np.ndarray:
 
 class MostPopular:
     """Scores every item by its count in the training events, the same list for every user.
-    `counts` [num_items + 1] (index 0, padding, never recommended)."""
+    `counts` [num_items + 1] (index 0, padding, never recommended). Its top-K, like every
+    recommender's, is `casm_core.scoring.top_k_of_scores` of these scores."""
 
     def __init__(self, counts: np.ndarray) -> None:
         scores = np.asarray(counts, dtype=np.float32).copy()
@@ -33,12 +34,6 @@ class MostPopular:
     def score_all(self, items: np.ndarray, behaviours: np.ndarray) -> np.ndarray:
         """Scores [B, num_items + 1] for B input sequences (which are ignored)."""
         return np.broadcast_to(self.scores, (items.shape[0], self.scores.size))
-
-    def top_k(self, k: int) -> np.ndarray:
-        """Indices of the `k` most popular items, most popular first."""
-        k = min(k, self.scores.size - 1)
-        best = np.argpartition(-self.scores, k - 1)[:k] if k > 0 else np.zeros(0, np.int64)
-        return best[np.argsort(-self.scores[best], kind="stable")]
 
 
 class RecentItems:

@@ -1,4 +1,10 @@
-"""A vocabulary that grows: external ids (strings) to dense 1-based indices (0 is padding)."""
+"""A vocabulary that grows: external ids (strings) to dense 1-based indices (0 is padding).
+
+In memory, for the trainer and the offline evaluation: `add` adopts new ids at once. The state
+store keeps its own numbering with transactional growth (`state.vocab.StagedVocabulary`: new names
+are staged until the batch's transaction commits); the trainer adopts the store's order as plain
+ids (`Trainer.reindex_items`), never the store's class.
+"""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ from state.validate import (
     normalize_offsets,
     refuse_rows,
 )
-from state.vocab import Vocabulary, encode
+from state.vocab import StagedVocabulary, encode
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class EventStore:
         con = self.db.con
         self._behaviours = self._load_behaviours(con)
         items = con.sql("SELECT item_id FROM items ORDER BY idx").to_arrow_table()
-        self._items = Vocabulary(items.column(0).to_pylist())
+        self._items = StagedVocabulary(items.column(0).to_pylist())
         self._counters = self._load_counters(con)
         self._popularity = np.zeros((len(self._items) + 1, len(self._behaviours) + 1), np.int64)
         pop = con.sql(
@@ -320,7 +320,7 @@ class EventStore:
         c.popularity_rows_aggregated = c.popularity_rows
         return c
 
-    def _load_behaviours(self, con: duckdb.DuckDBPyConnection) -> Vocabulary:
+    def _load_behaviours(self, con: duckdb.DuckDBPyConnection) -> StagedVocabulary:
         stored = [r[0] for r in con.execute("SELECT name FROM behaviours ORDER BY idx").fetchall()]
         configured = self._configured_behaviours
         if stored[: len(configured)] == configured:
@@ -339,7 +339,7 @@ class EventStore:
                 f"vocabulary is {configured}; indices would change. Configure the file's order "
                 "(new names may only be appended) or use another file"
             )
-        return Vocabulary(names)
+        return StagedVocabulary(names)
 
     def _load_snapshot(self, con: duckdb.DuckDBPyConnection) -> None:
         snap = con.sql(

@@ -2,7 +2,10 @@
 
 Index 0 is padding; names are numbered in order of first appearance. `lookup` assigns indices to
 new names without changing the vocabulary (they are staged), so an `apply` whose transaction
-fails leaves it untouched; `commit` adopts what was staged.
+fails leaves it untouched; `commit` adopts what was staged. This is the store's vocabulary (the
+numbering the tables hold); `casm_core.vocab.Vocabulary` is the in-memory one of the trainer and
+the offline evaluation, which adopts new ids at once (no transaction to fail) and is given the
+store's order as plain ids by `consumers/`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def encode(values: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     return codes, encoded.dictionary.to_pylist()
 
 
-class Vocabulary:
-    """Names <-> 1-based indices."""
+class StagedVocabulary:
+    """Names <-> 1-based indices, growing only when a transaction commits: `lookup` stages new
+    names (numbered after the known ones), `commit` adopts them."""
 
     def __init__(self, names: Sequence[str] = ()):
         self.names: list[str] = []

@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 LogFormat = Literal["generic", "taobao", "movielens", "retailrocket"]
 LOG_FORMATS: tuple[str, ...] = ("generic", "taobao", "movielens", "retailrocket")
 
-EVENT_SCHEMA = pa.schema(
+#: The columns of events read from a log file (and of the synthetic stream): user, item, behaviour
+#: and event time (unix s), nothing else. Not the columns of a batch the state store applies,
+#: which add the Kafka coordinates (topic, partition, offset) and the optional event_id /
+#: produced_ms of decoded records (DEVELOPERS.md, "Event columns").
+LOG_EVENT_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
         ("item_id", pa.string()),
@@ -144,7 +148,7 @@ def _read_rows(
             "behavior": pa.array(behaviours, pa.string()),
             "timestamp": pa.array(ts_array),
         },
-        schema=EVENT_SCHEMA,
+        schema=LOG_EVENT_SCHEMA,
     ).take(pa.array(order))
     return LoadedLog(table, path, fmt, skipped, examples)
 

@@ -29,7 +29,7 @@ The model (every number is a field of `SyntheticConfig`; `seed` fixes every draw
   ``{"at_event": 50000, "new_cluster_items": 200}`` adds a cluster of 200 brand-new items that
   takes `new_cluster_share` of every user's taste: a new assortment takes over.
 
-Events come out in time order (non-decreasing timestamps) with the log columns (`EVENT_SCHEMA`).
+Events come out in time order (non-decreasing timestamps) with the log columns (`LOG_EVENT_SCHEMA`).
 `SyntheticTruth` holds the ground truth: tastes (and their changes), item clusters, popularity and
 birth events, each event's cause and trigger, and the rate/conversion schedule.
 """
@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from stream.config import DriftSpec, SyntheticConfig
-from stream.logs import EVENT_SCHEMA
+from stream.logs import LOG_EVENT_SCHEMA
 from stream.replay import SYNTHETIC_METADATA_KEY, SYNTHETIC_METADATA_VALUE
 
 BEHAVIOURS: tuple[str, ...] = ("pv", "cart", "fav", "buy")
@@ -339,7 +339,7 @@ def generate(config: SyntheticConfig | None = None) -> SyntheticStream:
             pa.array(BEHAVIOURS, pa.string()).take(pa.array(out_behaviour, pa.int64())),
             pa.array(times, pa.float64()),
         ],
-        schema=EVENT_SCHEMA.with_metadata(
+        schema=LOG_EVENT_SCHEMA.with_metadata(
             {
                 SYNTHETIC_METADATA_KEY: SYNTHETIC_METADATA_VALUE,
                 b"casm.generator": GENERATOR.encode(),

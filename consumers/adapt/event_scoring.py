@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from casm_core.metrics import rank_among, rank_in_full
 from casm_core.sampling import NegativeSampler, SequenceCorpus
 from casm_core.scoring import Scorer, items_with_behaviours
 
@@ -41,12 +42,6 @@ class EventScores:
         return len(self.rows)
 
 
-def _rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Rank of `positive` [n] in each row of scores [n, C]: higher plus equal others (ties count
-    against, as in casm_core.metrics)."""
-    return (scores > positive[:, None]).sum(1) + (scores == positive[:, None]).sum(1) - 1
-
-
 def _ranks(
     scores: torch.Tensor,
     positives: np.ndarray,
@@ -56,26 +51,26 @@ def _ranks(
     rng: np.random.Generator,
     excluded: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Full and sampled ranks of `positives` [n] given scores [n, N + 1]; sampled negatives avoid
-    the items of each event's window [n, W] and its own item. The full rank leaves out the items
-    of `excluded` [n, M] (0: none) as the published lists do; a positive among them is a miss."""
+    """Full and sampled ranks (`casm_core.metrics`, on the scores' device) of `positives` [n]
+    given scores [n, N + 1]; sampled negatives avoid the items of each event's window [n, W] and
+    its own item. The full rank leaves out the items of `excluded` [n, M] (0: none) as the
+    published lists do; a positive among them is a miss (rank N + 1)."""
     positive_t = torch.as_tensor(positives, device=scores.device)
-    full_scores = scores
+    mask = None
     if excluded is not None:
-        full_scores = scores.clone()
         known = np.where(excluded < scores.shape[1], excluded, 0)  # items newer than the model: not scored
-        full_scores.scatter_(1, torch.as_tensor(known, device=scores.device), float("-inf"))
-    full = _rank(full_scores, full_scores.gather(1, positive_t[:, None]).squeeze(1))
-    if excluded is not None:
-        full = torch.where(torch.isinf(full_scores.gather(1, positive_t[:, None]).squeeze(1)),
-                           torch.full_like(full, scores.shape[1]), full)
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        mask.scatter_(1, torch.as_tensor(known, device=scores.device), True)
+        mask[:, 0] = False
+    full = rank_in_full(scores, positive_t, mask)
+    if mask is not None:
+        full = torch.where(mask.gather(1, positive_t[:, None]).squeeze(1), torch.full_like(full, scores.shape[1]), full)
     stride = sampler.num_items + 1
     event = np.arange(positives.size)[:, None]
     touched = np.unique(np.concatenate([(event * stride + windows).ravel(), event[:, 0] * stride + positives]))
     negatives = sampler.sample(rng, (positives.size, num_sampled), touched, stride)
     candidates = torch.as_tensor(np.concatenate([positives[:, None], negatives], axis=1), device=scores.device)
-    candidate_scores = scores.gather(1, candidates)
-    return full.cpu().numpy(), _rank(candidate_scores, candidate_scores[:, 0]).cpu().numpy()
+    return full.cpu().numpy(), rank_among(scores.gather(1, candidates)).cpu().numpy()
 
 
 def score_events(

@@ -21,11 +21,12 @@ import bisect
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from casm_core.metrics import metrics_of_lists
 
 Clock = Literal["wall", "event_order"]
 
@@ -54,20 +55,6 @@ class ScoredEvent:
 class _Lists:
     at: list[float] = field(default_factory=list)
     lists: list[tuple[list[str], str, str]] = field(default_factory=list)
-
-
-def ranking_metrics(ranks: Sequence[int | None], k: int) -> dict[str, float]:
-    """HR@k, NDCG@k and MRR of ranks (None: not in the list of k)."""
-    if not ranks:
-        return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "mrr": float("nan"), "n": 0}
-    values = np.array([k if r is None else r for r in ranks], dtype=float)
-    hit = values < k
-    return {
-        f"hr@{k}": float(hit.mean()),
-        f"ndcg@{k}": float(np.where(hit, 1 / np.log2(values + 2), 0).mean()),
-        "mrr": float(np.where(hit, 1 / (values + 1), 0).mean()),
-        "n": int(values.size),
-    }
 
 
 class PrequentialScorer:
@@ -176,13 +163,13 @@ class PrequentialScorer:
             "target_events": sum(1 for s in self.scored if s.behaviour == self.target),
             "scored": len(warm_target),
             "cold": sum(1 for s in self.scored if s.behaviour == self.target and s.cold),
-            **{k: v for k, v in ranking_metrics([s.rank for s in warm_target], self.k).items() if k != "n"},
+            **{k: v for k, v in metrics_of_lists([s.rank for s in warm_target], self.k).items() if k != "n"},
             "by_behaviour": {
-                b: ranking_metrics([s.rank for s in self.scored if s.behaviour == b and not s.cold], self.k)
+                b: metrics_of_lists([s.rank for s in self.scored if s.behaviour == b and not s.cold], self.k)
                 for b in sorted(self.events_seen)
             },
             "by_source": {
-                source: ranking_metrics([s.rank for s in warm_target if s.source == source], self.k)
+                source: metrics_of_lists([s.rank for s in warm_target if s.source == source], self.k)
                 for source in sorted({s.source for s in warm_target})
             },
         }
@@ -191,7 +178,7 @@ class PrequentialScorer:
             for s in warm_target:
                 by_window[s.position // window_events].append(s.rank)
             result["by_window"] = [
-                {"start": w * window_events, "end": (w + 1) * window_events, **ranking_metrics(ranks, self.k)}
+                {"start": w * window_events, "end": (w + 1) * window_events, **metrics_of_lists(ranks, self.k)}
                 for w, ranks in sorted(by_window.items())
             ]
         result.update(freshness_summary(self.freshness_ms, self.freshness_edges_ms))

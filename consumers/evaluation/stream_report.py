@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from consumers.evaluation.prequential import ranking_metrics  # noqa: E402
+from casm_core.metrics import metrics_of_lists  # noqa: E402
 
 
 def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, window_events: int,
@@ -36,13 +36,13 @@ def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, w
         "scored_events": len(scores),
         "target_events": len(target_rows),
         "target_unknown_item": len(target_rows) - len(known),
-        "sampled": ranking_metrics(ranks(known, "rank_sampled"), k),
-        "full": ranking_metrics(ranks(known, "rank_full"), k),
-        "full_all": ranking_metrics(ranks(target_rows, "rank_full"), k),
+        "sampled": metrics_of_lists(ranks(known, "rank_sampled"), k),
+        "full": metrics_of_lists(ranks(known, "rank_full"), k),
+        "full_all": metrics_of_lists(ranks(target_rows, "rank_full"), k),
         "num_sampled": scores[0]["num_sampled"] if scores else None,
         "by_behaviour": {
-            b: {"sampled": ranking_metrics(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_sampled"), k),
-                "full": ranking_metrics(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_full"), k)}
+            b: {"sampled": metrics_of_lists(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_sampled"), k),
+                "full": metrics_of_lists(ranks([r for r in rows if not r["cold"] and r["rank_full"] >= 0], "rank_full"), k)}
             for b, rows in sorted(by_behaviour.items())
         },
     }
@@ -53,8 +53,8 @@ def test_then_train_metrics(scores: list[dict[str, Any]], target: str, k: int, w
             windows[position // window_events].append(r)
     result["by_window"] = [
         {"start": w * window_events, "end": (w + 1) * window_events,
-         **{f"sampled_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_sampled"), k).items()},
-         **{f"full_{m}": v for m, v in ranking_metrics(ranks(rows, "rank_full"), k).items()}}
+         **{f"sampled_{m}": v for m, v in metrics_of_lists(ranks(rows, "rank_sampled"), k).items()},
+         **{f"full_{m}": v for m, v in metrics_of_lists(ranks(rows, "rank_full"), k).items()}}
         for w, rows in sorted(windows.items())
     ]
     return result
@@ -179,7 +179,7 @@ def write_report(folder: Path, metrics: dict[str, Any], freshness_ms: list[float
                metrics["serve"].get("events_applied", 0))
     plot_throughput(folder / "throughput.png", metrics["timeline"])
     path = folder / "report.md"
-    path.write_text(format_report(metrics))
+    path.write_text(format_stream_report(metrics))
     return path
 
 
@@ -187,7 +187,10 @@ def _f(value: Any, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_report(m: dict[str, Any]) -> str:
+def format_stream_report(m: dict[str, Any]) -> str:
+    """report.md of a stream evaluation (`casm evaluate-stream`) from its metrics.json dict `m`:
+    the published lists' prequential metrics, test-then-train ranks, freshness, per-window
+    figures. Not the demo's short summary (`consumers.cli.commands.demo.format_demo_report`)."""
     k, pq, tt, serve = m["k"], m["prequential"], m["test_then_train"], m["serve"]
     lines = [
         f"# Stream evaluation: {m['data']}",

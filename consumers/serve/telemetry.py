@@ -104,13 +104,13 @@ class ServiceMetrics:
             "to the dead-letter topic)", registry=r,
         )
         self._window_s = rate_window_s
+        self._recent: deque[tuple[float, int]] = deque()  # (monotonic s, events) within the rate window
 
     def watch_delivery(self, stats: Callable[[], dict[str, dict[str, int]]],
                        rebuilds: Callable[[], int]) -> None:
         """Export a producer's counts (`stats()`: sent / acknowledged / failed / given_up per topic)
         as ``casm_produce_<count>_total{topic}`` and its rebuilds as ``casm_producer_rebuilds_total``."""
         self.registry.register(_DeliveryCollector(stats, rebuilds))
-        self._recent: deque[tuple[float, int]] = deque()
 
     def count_applied(self, n: int, now: float | None = None) -> None:
         """Record `n` applied events and update the events/s gauge."""

@@ -477,6 +477,11 @@ class TrainingWorker:
     def alive(self) -> bool:
         return self._process.is_alive()
 
+    @property
+    def pid(self) -> int | None:
+        """The trainer process's id (None before it started), e.g. to signal it."""
+        return self._process.pid
+
     def feed(self, feed: TrainingFeed) -> None:
         """Queue `feed` for the trainer (in order). Raises RuntimeError when the process is not
         ready or gone."""

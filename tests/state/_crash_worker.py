@@ -2,8 +2,8 @@
 
 Opens the store, first re-sends events it already holds (as Kafka does when the committed
 offsets lag the store's), prints "ready", then applies the synthetic log's batches from the
-store's own offsets until the log is exhausted, and prints "done". The parent kills it with
-SIGKILL at random moments.
+store's own offsets until the log is exhausted, printing "applied" after each batch is committed,
+and prints "done". The parent kills it with SIGKILL at random moments, paced by those lines.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace, *, announce: bool) -> None:
         print("ready", flush=True)
     while (batch := log.poll(store.all_offsets())) is not None:
         store.apply(*batch)
+        if announce:
+            print("applied", flush=True)  # the batch is committed: the parent paces its kills by these
     store.close()
     if announce:
         print("done", flush=True)

@@ -10,7 +10,7 @@ import pytest
 
 from stream.config import EventLimits, SyntheticConfig
 from stream.decode import EventValidator
-from stream.logs import EVENT_SCHEMA
+from stream.logs import LOG_EVENT_SCHEMA
 from stream.replay import Pacing, encode_events, parse_pacing, replay
 from stream.synthetic import generate
 
@@ -50,7 +50,7 @@ def table(n: int, gap: float = 1.0, users: int = 3) -> pa.Table:
             "behavior": ["pv" if i % 2 else "buy" for i in range(n)],
             "timestamp": [1_600_000_000.0 + gap * i for i in range(n)],
         },
-        schema=EVENT_SCHEMA,
+        schema=LOG_EVENT_SCHEMA,
     )
 
 

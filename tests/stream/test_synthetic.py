@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from stream.config import DriftSpec, SyntheticConfig
-from stream.logs import EVENT_SCHEMA, read_log
+from stream.logs import LOG_EVENT_SCHEMA, read_log
 from stream.replay import is_synthetic_table
 from stream.synthetic import CAUSES, generate, is_synthetic_log, measured_conversion
 
@@ -37,7 +37,7 @@ def test_seeded_and_deterministic():
 def test_columns_order_and_labels(drifted):
     events = drifted.events
     assert events.num_rows == SMALL["n_events"]
-    assert events.schema.equals(EVENT_SCHEMA)  # metadata aside, the log readers' columns
+    assert events.schema.equals(LOG_EVENT_SCHEMA)  # metadata aside, the log readers' columns
     assert is_synthetic_table(events)
     assert (np.diff(events.column("timestamp").to_numpy()) >= 0).all()
     assert all(u.startswith("syn-u") for u in events.column("user_id").unique().to_pylist())

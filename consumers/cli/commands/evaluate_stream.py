@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from casm_core.metrics import metrics_of_lists
 from consumers.cli.options import add_alias
 from consumers.cli.profiles import Profile
 from consumers.evaluation.live import run_live
-from consumers.evaluation.prequential import ranking_metrics
 from consumers.evaluation.stream_report import test_then_train_metrics, two_losses, write_report
 from consumers.presets import FORMAT_PRESETS
 from consumers.settings import CasmSettings
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "prequential": result.prequential,
         "cold_users": {
             "threshold": threshold,
-            "new": ranking_metrics([s.rank for s in warm_target if s.history < threshold], k),
-            "established": ranking_metrics([s.rank for s in warm_target if s.history >= threshold], k),
+            "new": metrics_of_lists([s.rank for s in warm_target if s.history < threshold], k),
+            "established": metrics_of_lists([s.rank for s in warm_target if s.history >= threshold], k),
         },
         "test_then_train": test_then_train_metrics(
             result.scores, settings.behaviours.target, k, settings.live.window_events, result.positions

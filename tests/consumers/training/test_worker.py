@@ -113,7 +113,7 @@ from pathlib import Path
 worker = started(TrainerPlan(mode="continuous", cpu_share=0.0, publish_every_s=0.2), Path({folder!r}))
 worker.feed(feed())
 time.sleep(1.5)
-print(worker._process.pid, flush=True)
+print(worker.pid, flush=True)
 import os; os._exit(0)  # as a SIGKILL would: no goodbye to the trainer
 """
 
