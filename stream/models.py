@@ -50,14 +50,17 @@ MAX_INT_ID = 2**63 - 1
 WIRE_ENCODING = "utf-8"
 
 
-def _id_type(max_length: int, what: str) -> Any:
+def _id_type(max_length: int, what: str, as_text: bool = True) -> Any:
     """A non-empty string of at most `max_length` characters, or a non-negative JSON integer that is
-    turned into its decimal string."""
+    turned into its decimal string (kept an int with `as_text` False, for a caller that needs to
+    know which it was)."""
     largest_int = min(MAX_INT_ID, 10**max_length - 1)
+    integer = Annotated[int, Field(ge=0, le=largest_int), AfterValidator(str)] if as_text else Annotated[
+        int, Field(ge=0, le=largest_int)]
     return Annotated[
         Union[  # noqa: UP007 - Annotated members need the Union spelling
             Annotated[str, Field(min_length=1, max_length=max_length)],
-            Annotated[int, Field(ge=0, le=largest_int), AfterValidator(str)],
+            integer,
         ],
         Field(
             union_mode="left_to_right",
@@ -89,11 +92,13 @@ def behaviour_event_model(
     limits: EventLimits | None = None,
     vocabulary: Sequence[str] | None = None,
     check_context_size: bool = True,
+    ids_as_text: bool = True,
 ) -> type[BaseModel]:
     """The `BehaviourEvent` model for these limits. With a `vocabulary` (and a closed vocabulary in
     `limits`) ``behavior`` must be one of its names; otherwise any non-empty name of at most
     ``max_id_length`` characters is accepted. `check_context_size` False leaves the context size
-    check to the caller (`stream.decode` does it only when the message is large enough to matter)."""
+    check to the caller (`stream.decode` does it only when the message is large enough to matter). `ids_as_text` False
+    keeps integer ids as ints (`stream.decode` converts them itself)."""
     limits = limits or EventLimits()
     closed = vocabulary is not None and not limits.open_vocabulary
     if closed:
@@ -107,7 +112,7 @@ def behaviour_event_model(
             "Behaviour name (the deployment's vocabulary, e.g. pv, cart, fav, buy; unknown names are "
             "rejected unless the vocabulary is open)."
         )
-    id_type = _id_type(limits.max_id_length, "id")
+    id_type = _id_type(limits.max_id_length, "id", ids_as_text)
     context_type: Any = (
         Annotated[dict[str, Any], _context_size_check(limits.max_context_bytes)]
         if check_context_size

@@ -178,3 +178,17 @@ def test_a_long_key_is_cut_in_the_dead_letter_with_its_size_and_hash() -> None:
     assert len(letter.key) == EventLimits().dead_letter_max_key_bytes and letter.key_truncated
     assert letter.key_size == 700_000 and letter.key_sha256 == hashlib.sha256(record.key).hexdigest()
     assert letter.original_sha256 == hashlib.sha256(b"not json").hexdigest()
+
+
+def test_the_duplicate_count_knows_every_field_of_the_event() -> None:
+    # EventValidator.parse counts the strings of exactly these fields: a new one must be added there.
+    assert set(EventValidator().model.model_fields) == {"user_id", "item_id", "behavior", "timestamp", "event_id",
+                                                        "context"}
+
+
+def test_integer_ids_become_their_decimal_strings() -> None:
+    value = b'{"user_id":12,"item_id":0,"behavior":"pv","timestamp":1.7e9,"event_id":7}'
+    table, dead = decode_behaviours(records([value]), EventValidator(), now=NOW)
+    assert not dead
+    assert table.select(["user_id", "item_id", "event_id"]).to_pylist() == [{"user_id": "12", "item_id": "0", "event_id": "7"}]
+
