@@ -42,7 +42,7 @@ def test_a_set_alpha_reaches_the_next_round_and_outlives_a_restart(
         old = service.set_alpha(changed, "test: a drift policy's change")
         assert old == start and service.current_alpha() == {**start, **changed}
         fine_tune(service, steps=3)
-        models = service.store.models()
+        models = service.store.registry.models()
         assert [(m["version"], m["alpha"]) for m in models] == [(1, start), (2, {**start, **changed})]
     finally:
         service.stop()
@@ -57,7 +57,7 @@ def test_a_set_alpha_reaches_the_next_round_and_outlives_a_restart(
         produce(kafka_bootstrap, settings, more)
         run_until(restarted, lambda: restarted.report.events_applied == len(more))  # this run's count
         fine_tune(restarted, steps=3)
-        assert restarted.store.latest_model()["alpha"] == {**start, **changed}
+        assert restarted.store.registry.latest_model()["alpha"] == {**start, **changed}
     finally:
         restarted.stop()
         restarted.run(until=lambda s: True)

@@ -60,7 +60,7 @@ class Alpha:
 
     def set(self, alpha: dict[str, float], reason: str) -> None:
         self.value = {**self.value, **alpha}
-        self.store.record_alpha(time.time(), self.value, reason)
+        self.store.registry.record_alpha(time.time(), self.value, reason)
 
 
 def a_round(link: TrainerLink, users: list[str], applied: int) -> None:
@@ -87,7 +87,7 @@ def test_a_changed_alpha_is_trained_with_registered_and_restored_after_a_restart
         a_round(link, users, len(rows))
     finally:
         link.close()
-    assert [(m["version"], m["alpha"]) for m in store.models()] == [(1, BEHAVIOURS["alpha"]), (2, CHANGED)]
+    assert [(m["version"], m["alpha"]) for m in store.registry.models()] == [(1, BEHAVIOURS["alpha"]), (2, CHANGED)]
     store.close()
 
     # A restart: a new store handle and trainer link, configured with the original alpha.
@@ -102,5 +102,5 @@ def test_a_changed_alpha_is_trained_with_registered_and_restored_after_a_restart
         a_round(link, users, len(rows))
     finally:
         link.close()
-    assert store.latest_model()["version"] == 3 and store.latest_model()["alpha"] == CHANGED
+    assert store.registry.latest_model()["version"] == 3 and store.registry.latest_model()["alpha"] == CHANGED
     store.close()
