@@ -76,6 +76,13 @@ def cluster_events(num_users: int, cluster: range, prefix: str, seed: int, start
     return events
 
 
+def service_on(bootstrap: str, settings: CasmSettings, events: list[dict]) -> Service:
+    """The topics made, `events` produced, and a service built on them (not started)."""
+    ensure_topics(bootstrap, settings.kafka, settings.topics)
+    produce(bootstrap, settings, events)
+    return Service(settings, bootstrap)
+
+
 def run_until(service: Service, condition, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -169,10 +176,8 @@ def test_a_new_item_is_recommendable_after_the_next_fine_tune(
     kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
     settings = service_settings(tmp_path, kafka_config, topic_names)
-    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
     cluster = range(0, 12)
-    produce(kafka_bootstrap, settings, cluster_events(30, cluster, "a", 5, 1.7e9))
-    service = Service(settings, kafka_bootstrap)
+    service = service_on(kafka_bootstrap, settings, cluster_events(30, cluster, "a", 5, 1.7e9))
     try:
         run_until(service, lambda: service.report.events_applied == 240 and service.publisher.pending == 0)
         assert service.trainer.ready(wait_s=60)
@@ -238,10 +243,8 @@ def test_drift_detector_state_is_the_same_after_a_sigterm_restart(
 
     # Conversion outcomes resolve within this small log.
     settings = service_settings(tmp_path, kafka_config, topic_names, drift={"horizon_s": 5.0})
-    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
     events = cluster_events(20, range(0, 12), "a", 7, 1.7e9)
-    produce(kafka_bootstrap, settings, events)
-    service = Service(settings, kafka_bootstrap)
+    service = service_on(kafka_bootstrap, settings, events)
     service.install_signal_handlers()
     try:
         run_until(service, lambda: service.report.events_applied == len(events) and service.publisher.pending == 0)
@@ -287,10 +290,8 @@ def test_a_dead_trainer_is_restarted_from_its_checkpoint_and_ingestion_goes_on(
     kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
     settings = service_settings(tmp_path, kafka_config, topic_names)
-    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
     events = cluster_events(10, range(0, 12), "a", 9, 1.7e9)
-    produce(kafka_bootstrap, settings, events)
-    service = Service(settings, kafka_bootstrap)
+    service = service_on(kafka_bootstrap, settings, events)
     try:
         run_until(service, lambda: service.report.events_applied == len(events) and service.publisher.pending == 0)
         assert service.trainer.ready(wait_s=60)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from consumers.serve.service import Service
-from stream.topics import ensure_topics
 from tests.consumers.serve.test_service import (
     cluster_events,
     fine_tune,
     produce,
     run_until,
+    service_on,
     service_settings,
 )
 
@@ -27,10 +27,8 @@ def test_a_set_alpha_reaches_the_next_round_and_outlives_a_restart(
     kafka_bootstrap: str, kafka_config, topic_names, tmp_path: Path
 ) -> None:
     settings = service_settings(tmp_path, kafka_config, topic_names)
-    ensure_topics(kafka_bootstrap, settings.kafka, settings.topics)
     events = cluster_events(10, range(0, 12), "a", 3, 1.7e9)
-    produce(kafka_bootstrap, settings, events)
-    service = Service(settings, kafka_bootstrap)
+    service = service_on(kafka_bootstrap, settings, events)
     try:
         start = service.current_alpha()
         assert start == settings.behaviours.alpha  # a new store: the configured alpha
