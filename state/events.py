@@ -41,6 +41,7 @@ events, in their own transaction: the state is the snapshot plus the events appl
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,10 @@ class EventStore:
         self.fold_events = int(fold_events)
         self._configured_behaviours = list(behaviours)
         self._clock = clock
+        # Readers of the in-memory mirror take only this lock; writers hold the database lock
+        # throughout and this one only while they change the mirror, so a read never waits for
+        # a DuckDB write (order: database lock, then this one).
+        self._mirror = threading.RLock()
         with db.lock:
             self._load()
 
@@ -259,6 +264,10 @@ class EventStore:
 
     def _load(self) -> None:
         """(Re)build the mirror from the file."""
+        with self._mirror:
+            self._load_mirror()
+
+    def _load_mirror(self) -> None:
         con = self.db.con
         self._behaviours = self._load_behaviours(con)
         items = con.sql("SELECT item_id FROM items ORDER BY idx").to_arrow_table()
@@ -620,35 +629,42 @@ class EventStore:
                         seq: np.ndarray, batch_seq: int, now: float) -> None:
         """The batch is committed: bring the mirror along (rebuilt from the file if this fails
         half-way)."""
-        acc = chosen.rows
         try:
-            self._behaviours.commit(encoded.new_behaviours)
-            self._items.commit(encoded.new_items)
-            self._grow_popularity()
-            np.add.at(self._popularity, (encoded.item_idx, encoded.behaviour_idx), 1)
-            topic_lut = np.array([self._users.topic_code(t) for t in parts.topic_names],
-                                 dtype=np.int32)
-            self._users.append(
-                encoded.users,
-                encoded.item_idx,
-                encoded.behaviour_idx,
-                seq,
-                topic_lut[parts.topic_idx[acc]] if acc.size else np.zeros(0, np.int32),
-                parts.partition[acc],
-                parts.offset[acc],
-                taken.column("timestamp").to_numpy(),
-                taken.column("produced_ms").fill_null(MISSING).to_numpy(),
-            )
-            self._dedup.add(chosen.event_hash[acc][chosen.has_id[acc]], now)
-            c = self._counters
-            c.offsets.update(new_offsets)
-            c.last_seq += int(acc.size)
-            c.batch_seq = batch_seq
+            with self._mirror:
+                self._advance(taken, parts, chosen, encoded, new_offsets, seq, batch_seq, now)
         except BaseException:
             log.exception("mirror update failed after a committed apply; reloading %s",
                           self.db.path)
             self._load()
             raise
+
+    def _advance(self, taken: pa.Table, parts: _Partitions, chosen: _Selection,
+                 encoded: _Encoded, new_offsets: dict[tuple[str, int], int],
+                 seq: np.ndarray, batch_seq: int, now: float) -> None:
+        """`_advance_mirror`'s changes, under the mirror lock."""
+        acc = chosen.rows
+        self._behaviours.commit(encoded.new_behaviours)
+        self._items.commit(encoded.new_items)
+        self._grow_popularity()
+        np.add.at(self._popularity, (encoded.item_idx, encoded.behaviour_idx), 1)
+        topic_lut = np.array([self._users.topic_code(t) for t in parts.topic_names],
+                             dtype=np.int32)
+        self._users.append(
+            encoded.users,
+            encoded.item_idx,
+            encoded.behaviour_idx,
+            seq,
+            topic_lut[parts.topic_idx[acc]] if acc.size else np.zeros(0, np.int32),
+            parts.partition[acc],
+            parts.offset[acc],
+            taken.column("timestamp").to_numpy(),
+            taken.column("produced_ms").fill_null(MISSING).to_numpy(),
+        )
+        self._dedup.add(chosen.event_hash[acc][chosen.has_id[acc]], now)
+        c = self._counters
+        c.offsets.update(new_offsets)
+        c.last_seq += int(acc.size)
+        c.batch_seq = batch_seq
 
     def _result(self, table: pa.Table, chosen: _Selection, encoded: _Encoded | None,
                 new_offsets: dict[tuple[str, int], int], batch_seq: int | None,
@@ -703,8 +719,9 @@ class EventStore:
                 [batch_seq, float(self._clock()), topic, partition,
                  -1 if before is None else before, int(to_offset), reason],
             ))
-            c.offsets[(topic, partition)] = int(to_offset)
-            c.batch_seq = batch_seq
+            with self._mirror:
+                c.offsets[(topic, partition)] = int(to_offset)
+                c.batch_seq = batch_seq
             log.warning("stored offset of %s[%d] reset from %s to %d: %s", topic, partition,
                         before, to_offset, reason)
             return before
@@ -757,12 +774,13 @@ class EventStore:
             return int(added)
 
         added = self.db.transaction(write)
-        self._users.clear_dirty()
-        c.folded_seq = upto
-        c.popularity_rows += added
+        with self._mirror:
+            self._users.clear_dirty()
+            c.folded_seq = upto
+            c.popularity_rows += added
+            self._dedup.expire(self.id_window_start())
         if c.popularity_rows > 2 * max(c.popularity_rows_aggregated, 1):
             self.aggregate_popularity()
-        self._dedup.expire(self.id_window_start())
         log.debug("folded %d users up to event %d of %s", rows.size, upto, self.db.path)
         return int(rows.size)
 
@@ -795,7 +813,8 @@ class EventStore:
             self.db.transaction(
                 lambda con: con.execute("DELETE FROM event_ids WHERE applied_at < $1", [cutoff])
             )
-            self._dedup.expire(cutoff)
+            with self._mirror:
+                self._dedup.expire(cutoff)
 
     def _snapshot_table(self, rows: np.ndarray) -> pa.Table:
         users = self._users
@@ -832,13 +851,13 @@ class EventStore:
             last), lengths [n], and last_partition / last_offset / last_timestamp /
             last_produced_ms [n].
         """
-        with self.db.lock:
+        with self._mirror:
             self.db.con  # noqa: B018 - raises when closed
             return self._users.gather(user_ids, width=width)
 
     def activity(self) -> UserActivity:
         """Every held user's sequence length and recency (for sampling policies)."""
-        with self.db.lock:
+        with self._mirror:
             self.db.con  # noqa: B018 - raises when closed
             held = len(self._users)
             return UserActivity(
@@ -849,18 +868,18 @@ class EventStore:
 
     def offsets(self, topic: str) -> dict[int, int]:
         """Stored next offset to read per partition of `topic` (seek there on assignment)."""
-        with self.db.lock:
+        with self._mirror:
             self.db.con  # noqa: B018 - raises when closed
             return {p: o for (t, p), o in sorted(self._counters.offsets.items()) if t == topic}
 
     def all_offsets(self) -> dict[tuple[str, int], int]:
         """Stored next offset to read per (topic, partition)."""
-        with self.db.lock:
+        with self._mirror:
             return dict(sorted(self._counters.offsets.items()))
 
     def partitions(self) -> list[tuple[str, int]]:
         """(topic, partition) pairs the store holds offsets for."""
-        with self.db.lock:
+        with self._mirror:
             return sorted(self._counters.offsets)
 
     def offset_resets(self) -> list[dict[str, Any]]:
@@ -904,12 +923,12 @@ class EventStore:
 
     def item_ids(self) -> list[str]:
         """External item ids: position i holds the id of item index i + 1."""
-        with self.db.lock:
+        with self._mirror:
             return list(self._items.names)
 
     def behaviour_names(self) -> list[str]:
         """Behaviour names: position i holds the name of behaviour index i + 1."""
-        with self.db.lock:
+        with self._mirror:
             return list(self._behaviours.names)
 
     def num_items(self) -> int:
@@ -919,7 +938,7 @@ class EventStore:
     def user_ids(self) -> list[str]:
         """Every user with at least one applied event, in order of first appearance. (The
         `users` table is a snapshot as of the last fold and may lack the newest users.)"""
-        with self.db.lock:
+        with self._mirror:
             self.db.con  # noqa: B018 - raises when closed
             return list(self._users.user_ids)
 
@@ -929,7 +948,7 @@ class EventStore:
 
     def item_index(self, item_ids: Sequence[str]) -> np.ndarray:
         """1-based indices of `item_ids`, int64 [n]; 0 for ids not in the vocabulary."""
-        with self.db.lock:
+        with self._mirror:
             get = self._items.index.get
             return np.fromiter((get(i, 0) for i in item_ids), dtype=np.int64,
                                count=len(item_ids))
@@ -943,7 +962,7 @@ class EventStore:
         Raises:
             ValueError: a behaviour name is not in the vocabulary.
         """
-        with self.db.lock:
+        with self._mirror:
             pop = self._popularity[: len(self._items) + 1]
             if behaviours is None:
                 return pop.sum(axis=1)

@@ -39,3 +39,32 @@ def test_stats_and_partitions() -> None:
         assert stats["events_applied"] == 8 and stats["batches"] == 2
         assert store.partitions() == [("behaviours", 0)]
         assert store.user_ids() == ["u0", "u1", "u2", "u3"]
+
+
+def test_reads_of_the_mirror_do_not_wait_for_a_write_in_progress() -> None:
+    import threading
+
+    with store_with_users(3) as store:
+        writing, release = threading.Event(), threading.Event()
+        append = store.db.append
+
+        def slow_append(inserts):
+            writing.set()
+            assert release.wait(10)
+            append(inserts)
+
+        store.db.append = slow_append
+        writer = threading.Thread(target=lambda: store.apply(simple(["u0"], ["i9"], start=100)))
+        writer.start()
+        try:
+            assert writing.wait(10)
+            answered = threading.Event()
+            reader = threading.Thread(target=lambda: (store.sequences(["u0"]), store.item_ids(), store.offsets("t"),
+                                                      answered.set()))
+            reader.start()
+            assert answered.wait(5), "a read waited for the DuckDB write"
+            assert store.sequences(["u0"]).n_events[0] == 2  # the batch is not visible before its commit
+        finally:
+            release.set()
+            writer.join(10)
+        assert store.sequences(["u0"]).n_events[0] == 3
