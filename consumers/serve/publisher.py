@@ -1,7 +1,7 @@
 """The publishing half of `casm serve`: refreshed top-K for the users touched since their last
-list, and the test-then-train signals of each applied batch. It runs on its own thread, so scoring
-and producing overlap with ingestion (torch and DuckDB release the GIL), or inline when the
-service is stepped by hand (tests).
+list, and the test-then-train signals of each applied batch. It runs on two threads of its own
+(refreshes; signal jobs, so that neither waits for the other), overlapping ingestion (torch and
+DuckDB release the GIL), or inline when the service is stepped by hand (tests).
 
 Users are refreshed in micro-batches bounded in size (`refresh_max_users`) and delay
 (`refresh_max_delay_ms`) and ranked by `serve.recommender` after their stored window
