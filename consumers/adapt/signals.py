@@ -27,8 +27,8 @@ from kafka import KafkaProducer
 from casm_core.scoring import Scorer
 from consumers.adapt.drift import AlphaChange, Detection, DriftMonitor
 from consumers.adapt.event_scoring import EventScores, score_events
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 from state.events import ApplyResult
 from state.store import StateStore
 

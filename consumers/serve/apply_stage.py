@@ -36,8 +36,8 @@ from consumers.adapt.signals import SignalWatch
 from consumers.serve.duplicates import split_conflicts
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 from consumers.training.link import TrainerLink
 from state.store import StateStore
 from stream.deadletters import DeadLetterPublisher

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from consumers.serve.telemetry import ServiceMetrics
+from consumers.telemetry import ServiceMetrics
 from state.store import StateStore
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from casm_core.scoring import Scorer
 from consumers.adapt.signals import SignalJob, SignalWatch
 from consumers.serve.ranking import PopularItems, RankedList, Ranker, exclusions, ranked_lists
 from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 from state.store import StateStore
 from stream.delivery import AcknowledgedProducer
 

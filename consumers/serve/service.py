@@ -46,8 +46,8 @@ from consumers.serve.apply_stage import AppliedTotals, ApplyStage, DecodedBatch
 from consumers.serve.offset_guard import OffsetGuard
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics, TelemetryServer
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training.link import TrainerLink
 from state.store import StateStore
 from stream.clients import caught_up, commit_offsets, lag, make_consumer, make_producer

@@ -10,15 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 from consumers.training.sampling import sample_training_sequences
 from consumers.training.worker import (
     NothingTrained,
@@ -59,6 +58,15 @@ def trainer_plan(settings: CasmSettings) -> TrainerPlan:
     )
 
 
+class ModelSink(Protocol):
+    """Where adopted versions go (the service's `consumers.serve.serving_model.ServingModel`)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def load(self, version: int, weights: dict[str, np.ndarray], num_items: int, behaviours: Sequence[str]) -> None: ...
+
+
 class TrainerLink:
     """Owns the `TrainingWorker` of a service (see the module docstring)."""
 
@@ -66,7 +74,7 @@ class TrainerLink:
         self,
         settings: CasmSettings,
         store: StateStore,
-        serving: ServingModel,
+        serving: ModelSink,
         metrics: ServiceMetrics,
         alpha: Callable[[], dict[str, float]],
         on_similarity: Callable[[Similarity], None] | None = None,

@@ -8,8 +8,8 @@ import pyarrow as pa
 
 from consumers.adapt.signals import SignalWatch
 from consumers.serve.service import open_store
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 
 
 def settings_with(share: float, seed: int = 0) -> CasmSettings:

@@ -12,8 +12,8 @@ from consumers.serve.publisher import Publisher
 from consumers.serve.ranking import PopularItems, exclusions, ranked_lists
 from consumers.serve.service import open_store
 from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings, ServeConfig
+from consumers.telemetry import ServiceMetrics
 from stream.models import Recommendation
 from tests.state._synth import events
 

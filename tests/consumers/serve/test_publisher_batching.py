@@ -19,8 +19,8 @@ from casm_core.model import CASM
 from consumers.serve.publisher import Publisher
 from consumers.serve.service import open_store
 from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 from state.store import StateStore
 from stream.models import Recommendation
 from tests.consumers.serve.test_publisher import POPULAR, Producer, apply, ids

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from consumers.serve.telemetry import ServiceMetrics, TelemetryServer
+from consumers.telemetry import ServiceMetrics, TelemetryServer
 from stream.broker import free_port
 from tests.conftest import REPO_ROOT
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from consumers.serve.service import open_store
 from consumers.serve.serving_model import ServingModel
-from consumers.serve.telemetry import ServiceMetrics
 from consumers.settings import CasmSettings
+from consumers.telemetry import ServiceMetrics
 from consumers.training.link import TrainerLink
 from consumers.training.worker import TrainedVersion, TrainerPlan
 from tests.consumers.training.test_worker import BEHAVIOURS, MODEL, feed, started
