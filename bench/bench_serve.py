@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_serve.py ingest    --events 200000
     .venv/bin/python bench/bench_serve.py freshness --events 60000 --rate 2000
     .venv/bin/python bench/bench_serve.py memory    --events 1000000
+    .venv/bin/python bench/bench_serve.py refresh
 
 - ingest: the raw kafka-python consume rate of a topic (the ceiling) and, in the same run on the
   same broker and topic, the rate at which `casm serve` consumes, validates and applies it to the
@@ -11,6 +12,8 @@
 - freshness: `casm serve` fed at a steady rate while it fine-tunes; the distribution of event
   produce time -> refreshed recommendation published.
 - memory: a long synthetic run; the serve process's RSS sampled along the way and its peak.
+- refresh: users per second the serving path scores (the publisher's cost per list), with the
+  last-position shortcut of inference and with the full encoding, side by side.
 
 Each prints a JSON result (and writes it to --json); BENCHMARKS.md quotes them with the command.
 """
@@ -161,20 +164,61 @@ def bench_memory(args: argparse.Namespace) -> dict:
     }
 
 
+def bench_refresh(args: argparse.Namespace) -> dict:
+    """Users scored per second by the serving path (`Scorer.score_all`, the default model shape,
+    1 torch thread), with the last-position shortcut of inference and with the full encoding."""
+    import torch
+
+    from casm_core.model import CASM
+    from casm_core.scoring import Scorer
+
+    torch.set_num_threads(1)
+    settings = CasmSettings(progress=False)
+    num_items, width = 2_000, settings.model.max_len
+    model = CASM(settings.model, num_items, len(settings.behaviours.names))
+    scorer = Scorer(model, len(settings.behaviours.names))
+    rng = np.random.default_rng(0)
+    items = rng.integers(1, num_items + 1, (args.users, width))
+    behaviours = rng.integers(1, len(settings.behaviours.names) + 1, (args.users, width))
+
+    def rate(represent) -> float:
+        original = model.user_representation
+        model.user_representation = represent
+        try:
+            scorer.score_all(items, behaviours)  # warm-up
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < args.seconds:
+                scorer.score_all(items, behaviours)
+                count += 1
+            return count * args.users / (time.perf_counter() - started)
+        finally:
+            model.user_representation = original
+
+    shortcut = rate(model.user_representation)
+    full = rate(lambda its, bes: model.encode(its, bes)[:, -1, :])
+    return {"users_per_batch": args.users, "window": width, "hidden_dim": settings.model.hidden_dim,
+            "blocks": settings.model.num_blocks, "users_per_s_last_position_shortcut": round(shortcut),
+            "users_per_s_full_encoding": round(full), "ratio": round(shortcut / full, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["ingest", "freshness", "memory"])
+    parser.add_argument("what", choices=["ingest", "freshness", "memory", "refresh"])
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--rate", type=int, default=2000, help="freshness: events/s")
-    parser.add_argument("--users", type=int, default=20_000, help="memory: users of the synthetic stream")
+    parser.add_argument("--users", type=int, default=None,
+                        help="memory: users of the synthetic stream [20000]; refresh: users per scoring batch [256]")
+    parser.add_argument("--seconds", type=float, default=5.0, help="refresh: seconds of each measurement")
     parser.add_argument("--sample-s", type=float, default=5.0, help="memory: RSS sampling period")
     parser.add_argument("--no-signals", action="store_true",
                         help="ingest: without test-then-train ranking and drift detection (drift.enabled=false)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
-    defaults = {"ingest": 200_000, "freshness": 60_000, "memory": 1_000_000}
+    defaults = {"ingest": 200_000, "freshness": 60_000, "memory": 1_000_000, "refresh": 0}
     args.events = args.events or defaults[args.what]
-    result = {"ingest": bench_ingest, "freshness": bench_freshness, "memory": bench_memory}[args.what](args)
+    args.users = args.users or (256 if args.what == "refresh" else 20_000)
+    result = {"ingest": bench_ingest, "freshness": bench_freshness, "memory": bench_memory,
+              "refresh": bench_refresh}[args.what](args)
     result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
     if args.json:
