@@ -47,8 +47,7 @@ STATE_NAME = "drift_monitor"
 class SignalJob:
     """One applied batch as the model of its moment saw it."""
 
-    events: pa.Table
-    rows: np.ndarray  # rows not applied before (redeliveries excluded)
+    events: pa.Table  # the watched users' applied rows (no redeliveries or duplicates)
     scored_rows: np.ndarray  # rows to rank
     scorer: Scorer | None
     version: int
@@ -171,17 +170,16 @@ class SignalWatch:
         watched = self.watched(applied.user_ids)
         keep = applied.rows[watched[applied.user_codes[applied.rows]]]
         events = events.take(pa.array(keep))
-        rows = np.arange(keep.size, dtype=np.int64)
         users = np.flatnonzero(watched)
         code = np.full(watched.size, -1, dtype=np.int64)
         code[users] = np.arange(users.size)
         scored = np.zeros(0, dtype=np.int64)
-        if scorer is not None and rows.size:
+        if scorer is not None and keep.size:
             # Every target event is ranked (evaluation needs them all); the others in a share.
             is_target = pc.equal(events.column("behavior"), self.settings.behaviours.target).to_numpy(zero_copy_only=False)
-            scored = rows[is_target | (self._other_rng.random(rows.size) < self.cfg.score_other_fraction)]
+            scored = np.flatnonzero(is_target | (self._other_rng.random(keep.size) < self.cfg.score_other_fraction))
         return SignalJob(
-            events, rows, scored, scorer if scored.size else None, version,
+            events, scored, scorer if scored.size else None, version,
             applied.before_items[users], applied.before_behaviours[users], code[applied.user_codes[keep]],
             applied.item_idx[keep], applied.behaviour_idx[keep], events_applied,
         )
@@ -242,7 +240,7 @@ class SignalWatch:
                 if not cold
             ]
         columns = [job.events.column(c).to_pylist() for c in ("user_id", "item_id", "behavior", "timestamp", "partition")]
-        observed = [tuple(column[r] for column in columns) for r in job.rows.tolist()]
+        observed = list(zip(*columns, strict=True))
         with self._lock:
             detections, changes = self.monitor.observe(hits, observed, self.alpha())
             self.events_applied = job.events_applied + len(observed)

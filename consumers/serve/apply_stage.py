@@ -108,7 +108,7 @@ class ApplyStage:
         signals: SignalWatch | None,
         trainer: TrainerLink,
         events_applied_total: int,
-        totals: AppliedTotals | None = None,
+        totals: AppliedTotals,
     ) -> None:
         self.settings = settings
         self.cfg = settings.serve
@@ -121,7 +121,7 @@ class ApplyStage:
         self.signals = signals
         self.trainer = trainer
         self.events_applied_total = events_applied_total  # in the store, this run's included
-        self.totals = totals if totals is not None else AppliedTotals()
+        self.totals = totals  # the service's report: counts of events, duplicates, dead letters
         self.held_back: str | None = None  # why the last batch was not applied (for /healthz)
         self.applied_offsets: dict[tuple[str, int], int] = {}  # the newest applied, for Kafka's commit
         self.rewind_wanted = threading.Event()  # a batch was held back: re-read from the store's offsets
