@@ -139,6 +139,34 @@ class ServeConfig(BaseModel):
         return self.recommender == "casm"
 
 
+class ScaleConfig(BaseModel):
+    """Scale-out: several `casm serve` instances in one consumer group (README, "Scale-out")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["all", "ingest", "trainer"] = Field(
+        "all",
+        description="all: one process does everything (no changelog); ingest: apply, refresh and publish the "
+        "partitions assigned, write every state change to `topics.changelog`, serve the models of "
+        "`topics.models`; trainer: rebuild the whole state from the changelog, train, watch drift, own alpha "
+        "and publish each version to `topics.models`.",
+    )
+    instance_id: str = Field(
+        "", description="Name of this instance in `casm status` and the logs; empty: <host>-<pid>."
+    )
+    changelog_max_events: int = Field(
+        5_000, ge=1, description="Events per changelog record at most (a record stays well below "
+        "`kafka.max_request_size`).",
+    )
+    model_chunk_bytes: int = Field(
+        512 * 1024, ge=1024, description="A model version is published in records of this many bytes at most.",
+    )
+    restore_timeout_s: float = Field(
+        300.0, gt=0, description="Longest restore of one partition from its changelog before the instance stops.",
+    )
+    status_every_s: float = Field(2.0, gt=0, description="Period of the status record each instance publishes.")
+
+
 class LiveConfig(BaseModel):
     """Running the production path end to end (`casm demo`, `casm evaluate-stream`)."""
 
@@ -297,6 +325,7 @@ class CasmSettings(BaseSettings):
     events: EventLimits = Field(default_factory=EventLimits)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     live: LiveConfig = Field(default_factory=LiveConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 

@@ -125,6 +125,21 @@ class TopicsConfig(_Section):
         description="Test-then-train rank of each event's item with the model of that moment (stream "
         "evaluation reads it); empty: not published.",
     )
+    changelog: str = Field(
+        "behaviours.changelog",
+        description="Scale-out (`scale.role` ingest): every state change of an ingest instance, partition p of "
+        "the changelog rebuilding partition p of `behaviours` (created with the same partition count).",
+    )
+    models: str = Field(
+        "casm.models",
+        description="Scale-out: model versions (weights, version, alpha, item vocabulary) published by the "
+        "trainer and loaded by every ingest instance (one partition).",
+    )
+    status: str = Field(
+        "casm.status",
+        description="Scale-out: each instance's status (role, partitions, lag, model version) every "
+        "`scale.status_every_s`; `casm status` reads it (one partition).",
+    )
     partitions: int = Field(4, ge=1, description="Partitions of each topic when we create it.")
     replication_factor: int = Field(1, ge=1, description="Replication factor when we create topics.")
 

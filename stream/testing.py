@@ -53,6 +53,9 @@ def unique_topics(prefix: str = "t", partitions: int = TEST_PARTITIONS) -> Topic
         recommendations=f"recommendations-{suffix}",
         dead_letters=f"behaviours.dlq-{suffix}",
         scores=f"behaviours.scores-{suffix}",
+        changelog=f"behaviours.changelog-{suffix}",
+        models=f"casm.models-{suffix}",
+        status=f"casm.status-{suffix}",
         partitions=partitions,
     )
 

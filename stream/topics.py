@@ -83,8 +83,15 @@ def create_topics(
 
 
 def ensure_topics(bootstrap: str, kafka_cfg: KafkaConfig, topics_cfg: TopicsConfig) -> dict[str, int]:
-    """Create behaviours, recommendations and the dead-letter topic with ``topics_cfg.partitions``
-    where they do not exist (idempotent); returns their partition counts."""
-    return create_topics(
-        bootstrap, kafka_cfg, topic_names(topics_cfg), topics_cfg.partitions, topics_cfg.replication_factor
+    """Create behaviours, recommendations, the dead-letter topic and the changelog with
+    ``topics_cfg.partitions``, and the one-partition models and status topics, where they do not
+    exist (idempotent); returns their partition counts."""
+    counts = create_topics(
+        bootstrap, kafka_cfg, [*topic_names(topics_cfg), topics_cfg.changelog], topics_cfg.partitions,
+        topics_cfg.replication_factor,
     )
+    # One partition each: the models topic is read in order (a version's chunks, then the next
+    # version), the status topic is small.
+    counts.update(create_topics(bootstrap, kafka_cfg, [topics_cfg.models, topics_cfg.status], 1,
+                                topics_cfg.replication_factor))
+    return counts
