@@ -103,6 +103,19 @@ class ServiceMetrics:
             "casm_events_conflicting_duplicate", "Events with a known event_id but different content (sent "
             "to the dead-letter topic)", registry=r,
         )
+        self.changelog_records = Counter(
+            "casm_changelog_records", "Changelog records acknowledged (scale-out, ingest role)", registry=r)
+        self.changelog_bytes = Counter(
+            "casm_changelog_bytes", "Bytes of acknowledged changelog records (values)", registry=r)
+        self.restored_events = Counter(
+            "casm_restored_events", "Events restored from the changelog at assignments", ["partition"], registry=r)
+        self.restore_seconds = Histogram(
+            "casm_restore_seconds", "Wall seconds to bring one assigned partition up to its changelog",
+            registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.released_partitions = Counter(
+            "casm_released_partitions", "Partitions whose state was released after they moved away", registry=r)
+        self.model_publish_lag = Gauge(
+            "casm_model_load_lag_seconds", "Seconds from a version's publication to its swap here", registry=r)
         self._window_s = rate_window_s
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic s, events) within the rate window
 

@@ -726,6 +726,38 @@ class EventStore:
                         before, to_offset, reason)
             return before
 
+    def release(self, partitions: Sequence[tuple[str, int]], extra_tables: Sequence[str] = ()) -> int:
+        """Forget every row of the (topic, partition) pairs `partitions`: their events, users,
+        popularity, offsets, offset resets and remembered ids (plus the same pairs' rows of
+        `extra_tables`, tables with ``topic`` and ``"partition"`` columns), in one transaction;
+        then rebuild the mirror from the file. The item vocabulary stays (indices never change).
+        Scale-out: a partition that moved to another instance. Users must be keyed to one
+        partition (a user's sequence is its partition's). Returns the events removed."""
+        pairs = [(str(t), int(p)) for t, p in partitions]
+        if not pairs:
+            return 0
+        with self.db.lock:
+            self.db.writable()
+            batch_seq = self._counters.batch_seq
+
+            def write(con: duckdb.DuckDBPyConnection) -> int:
+                removed = 0
+                for topic, partition in pairs:
+                    removed += int(con.execute(
+                        'SELECT count(*) FROM events WHERE topic = $1 AND "partition" = $2', [topic, partition]
+                    ).fetchall()[0][0])
+                    for table in ("events", "users", "popularity", "commits", "event_ids", "offset_resets",
+                                  *extra_tables):
+                        con.execute(f'DELETE FROM {table} WHERE topic = $1 AND "partition" = $2', [topic, partition])
+                # Batch numbers never go back (a later commit must stay the newest of its pair).
+                con.execute("UPDATE counters SET batch_seq = greatest(batch_seq, $1)", [batch_seq])
+                return removed
+
+            removed = self.db.transaction(write)
+            self._load()
+            log.info("released %s: %d events removed", [f"{t}[{p}]" for t, p in pairs], removed)
+            return removed
+
     # -- folding the snapshots and the id window -----------------------------------------------
 
     def fold(self) -> int:

@@ -207,6 +207,11 @@ class StateStore:
         """`EventStore.apply`: one batch and its offsets, in one transaction."""
         return self.events.apply(events, offsets, before_width=before_width)
 
+    def release(self, partitions: Sequence[tuple[str, int]]) -> int:
+        """Forget the state of (topic, partition) pairs, their published lists included (see
+        `EventStore.release`); returns the events removed."""
+        return self.events.release(partitions, extra_tables=("published",))
+
     def sequences(self, user_ids: Sequence[str], *, width: int | None = None) -> Sequences:
         """`EventStore.sequences`: padded windows int64 [n, width] and each newest event."""
         return self.events.sequences(user_ids, width=width)

@@ -88,6 +88,8 @@ class _Record:
     value: bytes | None
     on_ack: OnAck | None
     on_fail: OnFail | None
+    partition: int | None = None  # None: the producer's partitioner (by key)
+    headers: list[tuple[str, bytes]] | None = None
     outcome: Outcome = field(default_factory=Outcome)
     attempts: int = 0  # sends so far
     token: int = 0  # which send the pending callback belongs to (older ones are ignored)
@@ -130,10 +132,15 @@ class AcknowledgedProducer:
         value: bytes | None = None,
         on_ack: OnAck | None = None,
         on_fail: OnFail | None = None,
+        *,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> Outcome:
-        """Send one record; `on_ack(metadata)` once the broker acknowledged it, `on_fail(exc)` once it
-        failed ``delivery_retries + 1`` times (or cannot be sent at all)."""
-        record = _Record(topic, key, value, on_ack, on_fail)
+        """Send one record (to `partition`, else the key's); `on_ack(metadata)` once the broker
+        acknowledged it, `on_fail(exc)` once it failed ``delivery_retries + 1`` times (or cannot be
+        sent at all). A retry may overtake a later record: wait for an outcome before sending what
+        must follow it."""
+        record = _Record(topic, key, value, on_ack, on_fail, partition, headers)
         self._send(record)
         return record.outcome
 
@@ -150,7 +157,8 @@ class AcknowledgedProducer:
             self._errored(record, token, KafkaError("no producer (rebuilding after a failure)"))
             return
         try:
-            future = producer.send(record.topic, key=record.key, value=record.value)
+            future = producer.send(record.topic, key=record.key, value=record.value,
+                                   partition=record.partition, headers=record.headers)
         except Exception as exc:  # noqa: BLE001 - a send that cannot start is a failed send
             self._errored(record, token, exc)
             return

@@ -33,7 +33,9 @@ from typing import Any
 import pyarrow as pa
 
 from consumers.adapt.signals import SignalWatch
+from consumers.serve.changelog_writer import ChangelogWriter
 from consumers.serve.duplicates import split_conflicts
+from consumers.serve.model_follower import ModelFollower
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
 from consumers.settings import CasmSettings
@@ -106,9 +108,11 @@ class ApplyStage:
         publisher: Publisher,
         serving: ServingModel,
         signals: SignalWatch | None,
-        trainer: TrainerLink,
+        trainer: TrainerLink | ModelFollower,
         events_applied_total: int,
         totals: AppliedTotals,
+        changelog: ChangelogWriter | None = None,
+        check_conflicts: bool = True,
     ) -> None:
         self.settings = settings
         self.cfg = settings.serve
@@ -120,6 +124,8 @@ class ApplyStage:
         self.serving = serving
         self.signals = signals
         self.trainer = trainer
+        self.changelog = changelog  # scale-out, ingest role: every batch to the changelog first
+        self.check_conflicts = check_conflicts  # off for the trainer role: its ingest instances checked
         self.events_applied_total = events_applied_total  # in the store, this run's included
         self.totals = totals  # the service's report: counts of events, duplicates, dead letters
         self.held_back: str | None = None  # why the last batch was not applied (for /healthz)
@@ -250,14 +256,25 @@ class ApplyStage:
     def ingest(self, batch: DecodedBatch) -> None:
         """Dead letters, conflicts, signals, apply and hand-off of one (merged) batch."""
         started = time.perf_counter()
-        events, conflicts = split_conflicts(batch.events, self.store, self.store.offsets(self.settings.topics.behaviours),
-                                            batch.records, self.validator)
+        events, conflicts = batch.events, []
+        if self.check_conflicts:
+            events, conflicts = split_conflicts(batch.events, self.store,
+                                                self.store.offsets(self.settings.topics.behaviours),
+                                                batch.records, self.validator)
         if not self._deliver_dead_letters(batch.dead + conflicts, batch):
             return  # held back: read again, nothing applied
         if conflicts:
             self.metrics.conflicting_duplicates.inc(len(conflicts))
+        offsets = batch.offsets
+        if self.changelog is not None:
+            written = self.changelog.write(events, offsets)
+            if written is None:
+                self._hold_back(batch, f"the changelog {self.settings.topics.changelog} does not acknowledge: a batch "
+                                f"of {len(batch.records)} records is held back and read again")
+                return
+            offsets = {**offsets, **written}
         version, scorer = self.serving.current  # the model of the batch's moment, for the signals
-        result = self.store.apply(events, batch.offsets,
+        result = self.store.apply(events, offsets,
                                   before_width=None if self.signals is None else self.settings.model.max_len)
         self.publisher.touch(result.touched_users, time.monotonic())
         if self.signals is not None:
@@ -289,14 +306,19 @@ class ApplyStage:
             return True
         if batch is None:
             return False
-        self.held_back = (f"dead letters cannot be delivered to {self.settings.topics.dead_letters}: a batch of "
-                          f"{len(batch.records)} records is held back and read again")
-        log.warning("%s", self.held_back)
+        self._hold_back(batch, f"dead letters cannot be delivered to {self.settings.topics.dead_letters}: a batch "
+                        f"of {len(batch.records)} records is held back and read again")
         self.metrics.dead_letter_holds.inc()
+        return False
+
+    def _hold_back(self, batch: DecodedBatch, reason: str) -> None:
+        """Apply nothing of `batch`, drop the queued batches of its generation and ask the polling
+        stage to re-read from the store's offsets."""
+        self.held_back = reason
+        log.warning("%s", reason)
         with self._cond:
             self._rewind_through = max(self._rewind_through, batch.generation)
         self.rewind_wanted.set()
-        return False
 
     # ------------------------------------------------------------------- housekeeping
     def trainer_step(self, wait_publisher: Callable[[], None] | None = None) -> None:

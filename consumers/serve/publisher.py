@@ -26,6 +26,7 @@ import numpy as np
 from casm_core.baselines import RecentItems
 from casm_core.scoring import Scorer
 from consumers.adapt.signals import SignalJob, SignalWatch
+from consumers.serve.item_space import ItemSpace
 from consumers.serve.ranking import PopularItems, RankedList, Ranker, exclusions, ranked_lists
 from consumers.serve.serving_model import ServingModel
 from consumers.settings import CasmSettings
@@ -92,6 +93,7 @@ class Publisher:
         serving: ServingModel,
         metrics: ServiceMetrics,
         signals: SignalWatch | None,
+        lists: bool = True,
     ) -> None:
         self.settings = settings
         self.cfg = settings.serve
@@ -100,6 +102,7 @@ class Publisher:
         self.serving = serving
         self.metrics = metrics
         self.signals = signals
+        self.lists = lists
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, float] = OrderedDict()  # user -> when it became pending
         self._jobs: deque[SignalJob] = deque()
@@ -117,14 +120,28 @@ class Publisher:
         self._popular_at = -float("inf")
         self._recent: RecentItems | None = None
         self._item_ids: list[str] = []
+        self._item_space: ItemSpace | None = None  # scale-out: the followed version's item space
+        self._item_space_version = -1
+        self._space_popular: tuple[PopularItems, PopularItems, int] | None = None  # (store's, in space, size)
 
     # ------------------------------------------------------------------ ingest-thread side
     def touch(self, users: Sequence[str], when: float) -> None:
-        """Users whose state changed at monotonic time `when` (kept at their first pending time)."""
+        """Users whose state changed at monotonic time `when` (kept at their first pending time);
+        ignored when this publisher publishes no lists (the trainer role)."""
+        if not self.lists:
+            return
         with self._cond:
             for user in users:
                 self._pending.setdefault(user, when)
             self._cond.notify()
+
+    def forget(self, users: Sequence[str]) -> None:
+        """Drop `users` from the pending lists and from those not yet recorded in the store (their
+        partition moved to another instance, which publishes for them now)."""
+        with self._cond:
+            for user in users:
+                self._pending.pop(user, None)
+                self._unrecorded.pop(user, None)
 
     def submit(self, job: SignalJob) -> None:
         """Queue a batch's signals; blocks while `publisher_queue_batches` are waiting (backpressure)."""
@@ -310,25 +327,40 @@ class Publisher:
             self._recent = RecentItems(counts)
         return self._recent
 
-    def _ranker(self, scorer: Scorer | None) -> tuple[Ranker | None, str]:
+    def _ranker(self, scorer: Scorer | None, catalogue: int) -> tuple[Ranker | None, str]:
         """What ranks users with history, and its source label; None: the popularity list."""
         if self.cfg.has_model:
             # Items the store knows but this model version does not (seen since its fine-tune)
-            # can still be repeated: the scorer covers the store's whole vocabulary.
-            return (None if scorer is None else scorer.with_catalogue(len(self._item_vocabulary()))), "model"
+            # can still be repeated: the scorer covers the whole catalogue.
+            return (None if scorer is None else scorer.with_catalogue(catalogue)), "model"
         if self.cfg.recommender == "recent":
             return self._recent_items(), "recent"
         return None, "popularity"
 
-    def _lists(self, sequences, scorer: Scorer | None) -> dict[int, tuple[RankedList, str]]:
+    def _space(self, model_items: list[str] | None, version: int) -> ItemSpace | None:
+        """The item space of a version trained elsewhere (scale-out), brought up to the store's
+        vocabulary; None for a version trained on this store (its indices are the store's)."""
+        if model_items is None:
+            return None
+        if self._item_space is None or self._item_space_version != version:
+            self._item_space, self._item_space_version = ItemSpace(model_items), version
+            self._space_popular = None
+        self._item_space.extend(self._item_vocabulary())
+        return self._item_space
+
+    def _lists(self, items: np.ndarray, behaviours: np.ndarray, lengths: np.ndarray, scorer: Scorer | None,
+               space: ItemSpace | None) -> dict[int, tuple[RankedList, str]]:
         """Each row's list and source: rows with history by the recommender (`scorer` is the
         model's, None before its first version), the others by popularity; the same exclusions
-        for all."""
+        for all. `items` are in the scorer's index space (`space`, else the store's)."""
         popular = self._popularity()  # first: the recent-items baseline uses its counts
-        ranker, source = self._ranker(scorer)
-        exclude = exclusions(sequences.items, sequences.behaviours, self.store.behaviour_names(),
-                             self.cfg.exclude_behaviours)
-        known = sequences.lengths > 0
+        if space is not None:
+            if self._space_popular is None or self._space_popular[0] is not popular or self._space_popular[2] != len(space.ids):
+                self._space_popular = (popular, PopularItems(space.counts(self._counts)), len(space.ids))
+            popular = self._space_popular[1]
+        ranker, source = self._ranker(scorer, len(self._item_vocabulary()) if space is None else len(space.ids))
+        exclude = exclusions(items, behaviours, self.store.behaviour_names(), self.cfg.exclude_behaviours)
+        known = lengths > 0
         groups = [(~known, popular, "popularity")]
         groups += [(known, ranker, source)] if ranker is not None else [(known, popular, "popularity")]
         lists: dict[int, tuple[RankedList, str]] = {}
@@ -336,16 +368,18 @@ class Publisher:
             rows = np.flatnonzero(chosen)
             if rows.size == 0:
                 continue
-            ranked = ranked_lists(by, sequences.items[rows], sequences.behaviours[rows], self.cfg.top_k,
+            ranked = ranked_lists(by, items[rows], behaviours[rows], self.cfg.top_k,
                                   None if exclude is None else exclude[rows])
             lists.update(zip(rows.tolist(), ((r, label) for r in ranked), strict=True))
         return lists
 
     def _publish(self, users: list[str], pending_since: list[float]) -> None:
-        version, scorer = self.serving.current  # one consistent (version, model) pair
+        version, scorer, model_items = self.serving.snapshot  # one consistent (version, model) pair
         sequences = self.store.sequences(users, width=self.settings.model.max_len)
-        lists = self._lists(sequences, scorer)
-        ids = self._item_vocabulary()
+        space = self._space(model_items, version)
+        items = sequences.items if space is None else space.items(sequences.items)
+        lists = self._lists(items, sequences.behaviours, sequences.lengths, scorer, space)
+        ids = self._item_vocabulary() if space is None else space.ids
         now_wall = time.time()
         send, topic = self.producer.send, self.settings.topics.recommendations
         for row, user in enumerate(users):

@@ -43,13 +43,18 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers.adapt.signals import SignalWatch
 from consumers.serve.apply_stage import AppliedTotals, ApplyStage, DecodedBatch
+from consumers.serve.changelog_writer import ChangelogWriter
+from consumers.serve.model_follower import ModelFollower
+from consumers.serve.model_publisher import PublishingModel
 from consumers.serve.offset_guard import OffsetGuard
+from consumers.serve.partition_state import PartitionStates
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training.link import TrainerLink
 from state.store import StateStore
+from stream.changelog import ChangelogDecoder
 from stream.clients import caught_up, commit_offsets, lag, make_consumer, make_producer
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator, decode_behaviours
@@ -61,6 +66,11 @@ log = logging.getLogger(__name__)
 # (the trainer's last version, every pending output) was waited for before, with its own settings.
 CLOSE_AFTER_FAILED_START_S = 1.0
 CLOSE_TIMEOUT_S = 5.0
+
+
+def trainer_group(settings: CasmSettings) -> str:
+    """The consumer group of the trainer role (its own: it reads every changelog partition)."""
+    return f"{settings.kafka.group_id}.trainer"
 
 
 def open_store(settings: CasmSettings, read_only: bool = False) -> StateStore:
@@ -116,32 +126,48 @@ class Service:
             )
             self._last_poll = self._last_records = time.monotonic()
             self._held: list = []  # deterministic mode: polled records not applied yet
-            self.serving = ServingModel(settings)
-            self.trainer = TrainerLink(settings, self.store, self.serving, self.metrics, self.current_alpha,
-                                       self._on_similarity)
+            self.role = settings.scale.role
+            # Every produce is tracked to its acknowledgement (stream.delivery).
+            self.producer = acknowledged_producer(settings.kafka, bootstrap, make_producer)
+            self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
+            self.serving = (PublishingModel(settings, self.producer, self.store.item_ids, self.current_alpha)
+                            if self.role == "trainer" else ServingModel(settings))
+            self.trainer = (ModelFollower(settings, bootstrap, self.serving, self.metrics) if self.role == "ingest" else
+                            TrainerLink(settings, self.store, self.serving, self.metrics, self.current_alpha,
+                                        self._on_similarity))
             version, self.alpha = self.trainer.initialize()
             self.report.model_version = version
             for name, value in self.alpha.items():
                 self.metrics.alpha.labels(name).set(value)
-            # Every produce is tracked to its acknowledgement (stream.delivery).
-            self.producer = acknowledged_producer(settings.kafka, bootstrap, make_producer)
-            self.metrics.watch_delivery(self.producer.stats, lambda: self.producer.rebuilds)
             self.dead_letters = DeadLetterPublisher(self.producer, self.topics.dead_letters)
             self._generation = 0  # +1 at every rewind to the store's offsets (apply_stage)
             self._committed: dict[tuple[str, int], int] = {}
             self._assigned: list[str] = []  # "topic[partition]" as of the last assignment (for /healthz)
+            # Scale-out: the trainer watches drift over every instance's events (it sees them all
+            # in the changelog, scores them with the newest version and owns alpha).
             self.signals = (
                 SignalWatch(settings, self.store, self.producer, self.metrics, self.set_alpha, self.current_alpha,
                             self.trainer.request_similarity)
-                if settings.drift.enabled else None
+                if settings.drift.enabled and self.role != "ingest" else None
             )
-            self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals)
+            self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals,
+                                       lists=self.role != "trainer")
             self.stage = ApplyStage(settings, self.store, self.validator, self.dead_letters, self.metrics,
                                     self.publisher, self.serving, self.signals, self.trainer,
-                                    self.store.stats()["events_applied"], self.report)
-            self._requeue_unpublished()
-            # auto_offset_reset='none': the client never resets an out-of-range offset by itself.
-            self.consumer = make_consumer(settings.kafka, bootstrap, [self.topics.behaviours],
+                                    self.store.stats()["events_applied"], self.report,
+                                    changelog=ChangelogWriter(settings, self.producer, self.metrics)
+                                    if self.role == "ingest" else None,
+                                    check_conflicts=self.role != "trainer")
+            self.partition_states = (PartitionStates(settings, bootstrap, self.store, self.publisher, self.metrics)
+                                     if self.role == "ingest" else None)
+            self._changelog = ChangelogDecoder()  # trainer role: reset at every assignment
+            if self.role != "trainer":
+                self._requeue_unpublished()
+            # The trainer reads the changelog in a group of its own; auto_offset_reset='none': the
+            # client never resets an out-of-range offset by itself.
+            self.source = self.topics.changelog if self.role == "trainer" else self.topics.behaviours
+            self.consumer = make_consumer(settings.kafka, bootstrap, [self.source],
+                                          group_id=trainer_group(settings) if self.role == "trainer" else None,
                                           on_assign=self._on_assign, on_revoke=self._on_revoke,
                                           auto_offset_reset="none")
             self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
@@ -150,7 +176,7 @@ class Service:
                 self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port)
         except BaseException:
             if self.trainer is not None:
-                self.trainer.worker.close(timeout_s=CLOSE_AFTER_FAILED_START_S)
+                self.trainer.terminate(CLOSE_AFTER_FAILED_START_S)
             if getattr(self, "producer", None) is not None:
                 self.producer.close(0)
             if self.store is not None:
@@ -184,6 +210,9 @@ class Service:
 
     def _on_assign(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         self._on_revoke(partitions)  # (also at the first assignment: the queue is empty then)
+        if self.partition_states is not None:
+            self.partition_states.assigned([tp.partition for tp in partitions])
+        self._changelog = ChangelogDecoder(self.store.all_offsets())
         stored = {}
         for tp in partitions:
             offset = self.store.offsets(tp.topic).get(tp.partition)
@@ -222,9 +251,7 @@ class Service:
             "problems": problems,
             "delivering": delivering,
             "last_poll_age_s": round(age, 3),
-            "trainer_alive": self.trainer.worker.alive,
-            "trainer_ready": self.trainer.worker.ready,
-            "trainer_restarts": self.trainer.restarts,
+            **self.trainer.health(),
             "publisher_ok": self.publisher.error is None,
             **self.stage.describe(),
             "model_version": self.serving.version,
@@ -294,7 +321,11 @@ class Service:
         self._commit_applied()
 
     def _decode(self, flat: list) -> DecodedBatch:
-        """The polled records decoded and validated (the one pass of `stream.decode`)."""
+        """The polled records decoded and validated (the one pass of `stream.decode`); the
+        trainer's changelog records decoded (`stream.changelog`)."""
+        if self.role == "trainer":
+            decoded = self._changelog.decode(flat)
+            return DecodedBatch(flat, decoded.events, [], decoded.offsets, self._generation)
         events, dead = decode_behaviours(flat, self.validator)
         offsets: dict[tuple[str, int], int] = {}
         for record in flat:  # a partition's records are in offset order
@@ -304,12 +335,13 @@ class Service:
     def _rewind(self) -> None:
         """A batch was held back (its dead letters were not acknowledged): every partition is
         read again from the store's offsets, and what was polled since is dropped."""
-        stored = self.store.offsets(self.topics.behaviours)
+        stored = self.store.offsets(self.source)
         for tp in self.consumer.assignment():
             if tp.partition in stored:
                 self.consumer.seek(tp, stored[tp.partition])
             else:
                 self.consumer.seek_to_beginning(tp)
+        self._changelog = ChangelogDecoder(self.store.all_offsets())
         self._held = []
         self._generation += 1
         self.stage.rewound()
@@ -320,7 +352,7 @@ class Service:
         if applied and applied != self._committed:
             self._committed = applied
             self.consumer.commit_async({TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-                                        for (t, p), o in applied.items()})
+                                        for (t, p), o in applied.items() if t == self.source})
 
     def _fixed_batch(self, polled: list) -> list:
         """Deterministic mode: batches of exactly `kafka.max_poll_records` records, cut where a
@@ -407,7 +439,9 @@ class Service:
                     log.exception("could not save the drift detectors' state")
                 self.report.events_scored = self.signals.events_scored
                 self.report.drift = list(self.signals.log)
-            self.trainer.worker.close(timeout_s=CLOSE_TIMEOUT_S)
+            self.trainer.terminate(CLOSE_TIMEOUT_S)
+            if self.partition_states is not None:
+                self.partition_states.close()
             self.consumer.close()
             self.producer.close(timeout=CLOSE_TIMEOUT_S)
             self.store.close()

@@ -3,7 +3,8 @@ a whole when a new version arrives (readers take `scorer` once and keep a consis
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,22 +16,42 @@ from consumers.settings import CasmSettings
 
 class ServingModel:
     """The current (version, Scorer) pair; the Scorer is None until the first version. Threads
-    read `current` once to get a consistent pair."""
+    read `current` (or `snapshot`) once to get a consistent pair.
+
+    A version trained in this process indexes items as this process's store does; one loaded from
+    the models topic (scale-out) comes with its own item vocabulary (`snapshot`'s third part,
+    None otherwise), which serving translates to (`consumers.serve.item_space`)."""
 
     def __init__(self, settings: CasmSettings) -> None:
         self.model_cfg = settings.model
         self.target = settings.behaviours.target_index()
-        self.current: tuple[int, Scorer | None] = (0, None)
+        self._state: tuple[int, Scorer | None, list[str] | None] = (0, None, None)
+        self.loaded_at: float | None = None  # unix s of the last swap
+        self.published_at: float | None = None  # unix s the loaded version was published (models topic)
 
-    def load(self, version: int, weights: dict[str, np.ndarray], num_items: int, behaviours: Sequence[str]) -> None:
-        """Build `version` aside, then swap it in with one assignment."""
+    def load(self, version: int, weights: dict[str, np.ndarray], num_items: int, behaviours: Sequence[str], *,
+             alpha: Mapping[str, float] | None = None, item_ids: Sequence[str] | None = None,
+             published_at: float | None = None) -> None:
+        """Build `version` aside, then swap it in with one assignment. `item_ids`: the version's
+        item vocabulary in index order when it was trained elsewhere; `alpha` is what it was
+        trained with (kept by subclasses that publish it)."""
         model = CASM(self.model_cfg, num_items, len(behaviours))
         model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-        self.current = (version, Scorer(model, self.target))
+        self._state = (version, Scorer(model, self.target), None if item_ids is None else list(item_ids))
+        self.loaded_at, self.published_at = time.time(), published_at
+
+    @property
+    def current(self) -> tuple[int, Scorer | None]:
+        return self._state[:2]
+
+    @property
+    def snapshot(self) -> tuple[int, Scorer | None, list[str] | None]:
+        """(version, scorer, the version's item vocabulary or None) as one consistent triple."""
+        return self._state
 
     @property
     def version(self) -> int:
-        return self.current[0]
+        return self._state[0]
 
     @property
     def scorer(self) -> Scorer | None:
@@ -38,5 +59,5 @@ class ServingModel:
 
     @property
     def num_items(self) -> int:
-        scorer = self.current[1]
+        scorer = self._state[1]
         return 0 if scorer is None else scorer.num_items

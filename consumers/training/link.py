@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,7 +64,8 @@ class ModelSink(Protocol):
     @property
     def version(self) -> int: ...
 
-    def load(self, version: int, weights: dict[str, np.ndarray], num_items: int, behaviours: Sequence[str]) -> None: ...
+    def load(self, version: int, weights: dict[str, np.ndarray], num_items: int, behaviours: Sequence[str], *,
+             alpha: Mapping[str, float] | None = None) -> None: ...
 
 
 class TrainerLink:
@@ -298,7 +299,8 @@ class TrainerLink:
         self.initialize()
 
     def _adopt(self, trained: TrainedVersion) -> None:
-        self.serving.load(trained.version, trained.weights, trained.num_items, trained.behaviour_names)
+        self.serving.load(trained.version, trained.weights, trained.num_items, trained.behaviour_names,
+                          alpha=trained.alpha)
         metrics = {
             "loss": trained.loss, "positions": float(trained.positions), "seconds": trained.seconds,
             "steps": float(trained.steps), "steps_total": float(trained.steps_total),
@@ -326,6 +328,15 @@ class TrainerLink:
         """Keep the newest `keep_checkpoints` checkpoint files."""
         for old in sorted(self.cfg.checkpoint_dir.glob(CHECKPOINT_GLOB))[: -self.cfg.keep_checkpoints]:
             old.unlink(missing_ok=True)
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz."""
+        return {"trainer_alive": self.worker.alive, "trainer_ready": self.worker.ready,
+                "trainer_restarts": self.restarts}
+
+    def terminate(self, timeout_s: float) -> None:
+        """Stop the trainer process without collecting anything (after a failed start, at the end)."""
+        self.worker.close(timeout_s=timeout_s)
 
     def close(self) -> None:
         """Stop the trainer; the version it publishes on the way out is adopted."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 
+from consumers.cli.options import add_alias
 from consumers.serve.service import Service
 from consumers.settings import CasmSettings
 from stream.broker import kafka_cluster
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_alias(parser, "--role", "scale.role", CasmSettings)
     parser.add_argument(
         "--idle-exit-s", type=float, default=None,
         help="stop once caught up (every partition read to its high watermark) and no new event "

@@ -1,0 +1,215 @@
+"""The changelog of an ingest instance's state: what it applied, partition by partition.
+
+Scale-out (README, "Scale-out") gives every `behaviours` partition p a changelog partition p of
+the same number. Each applied batch writes, per input partition it read, records that carry the
+batch's valid events of that partition and the input's next offset after the batch (a record may
+carry no event: dead letters move the offset too). Replayed in order through the store's
+`apply(events, offsets)`, a partition's changelog rebuilds exactly that partition's state: the
+same events in the same order, with the same offsets, so the store's own exactly-once rules
+(drop below the stored offset, drop a remembered event id) give the same sequences.
+
+Record layout (one format, versioned by the header ``casm.changelog``):
+
+* key: the source partition as text; partition: the source partition;
+* headers: ``casm.changelog`` (format version), ``source.topic``, ``source.partition``,
+  ``source.next_offset``;
+* value: an Arrow IPC stream (zstd-compressed) of the events' columns ``user_id, item_id,
+  behavior, timestamp, event_id, offset, produced_ms`` (topic and partition are the headers').
+
+A record can be written twice (a retry after a lost acknowledgement, a fenced-out instance that
+had not noticed yet); the reader drops every row at or below an offset it has seen, so a
+duplicate never reaches the store twice. Within a partition records must be sent one after the
+other (`rounds`): a retried record must not overtake the next one.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from kafka import KafkaConsumer, TopicPartition
+
+from stream.decode import DECODED_SCHEMA
+
+FORMAT_VERSION = b"1"
+FORMAT_HEADER = "casm.changelog"
+#: Columns a record's value holds (the rest of `DECODED_SCHEMA` is in its headers).
+VALUE_SCHEMA = pa.schema([f for f in DECODED_SCHEMA if f.name not in ("topic", "partition")])
+#: zstd: the columns are repetitive ids; a record is written once and read at every restore.
+COMPRESSION = "zstd"
+#: Poll period of a restore read (ms): short, the partition is read as fast as it comes.
+RESTORE_POLL_MS = 200
+
+
+class ChangelogError(ValueError):
+    """A changelog record that this version cannot read (our own topic: never a dead letter)."""
+
+
+@dataclass(frozen=True)
+class ChangelogRecord:
+    """One record to produce: `value` to changelog partition `partition`, with `key` and `headers`."""
+
+    partition: int
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    events: int
+
+
+def encode_batch(
+    events: pa.Table, next_offsets: Mapping[tuple[str, int], int], max_events: int
+) -> list[list[ChangelogRecord]]:
+    """The changelog records of one applied batch, in rounds: round r holds the r-th record of
+    every partition that has one (send a round, wait for its acknowledgements, then the next).
+
+    Args:
+        events: the batch's valid events (`DECODED_SCHEMA`), in arrival order.
+        next_offsets: next input offset per (topic, partition) after the batch; every partition
+            named gets at least one record, with or without events.
+        max_events: events per record at most.
+    """
+    if max_events < 1:
+        raise ValueError(f"max_events must be >= 1, got {max_events}")
+    sources = {topic for topic, _ in next_offsets}
+    if len(sources) > 1 or (events.num_rows and set(events.column("topic").unique().to_pylist()) - sources):
+        raise ValueError(f"one input topic per changelog batch: offsets of {sorted(sources)}, events of "
+                         f"{sorted(set(events.column('topic').unique().to_pylist()))}")
+    partition_col = events.column("partition").to_numpy()
+    value_columns = events.select(VALUE_SCHEMA.names)
+    rounds: list[list[ChangelogRecord]] = []
+    for (topic, partition), next_offset in sorted(next_offsets.items()):
+        rows = np.flatnonzero(partition_col == partition)
+        chunks = [rows[i:i + max_events] for i in range(0, rows.size, max_events)] or [rows]
+        offsets = events.column("offset").to_numpy()
+        for r, chunk in enumerate(chunks):
+            # A record's next offset: past its own rows, the batch's only for the last one (a
+            # reader must not skip the rows of the records after it).
+            record_next = int(next_offset) if r == len(chunks) - 1 else int(offsets[chunk[-1]]) + 1
+            record = ChangelogRecord(
+                partition=partition,
+                key=str(partition).encode(),
+                value=_ipc_bytes(value_columns.take(pa.array(chunk, type=pa.int64()))),
+                headers=[
+                    (FORMAT_HEADER, FORMAT_VERSION),
+                    ("source.topic", topic.encode()),
+                    ("source.partition", str(partition).encode()),
+                    ("source.next_offset", str(record_next).encode()),
+                ],
+                events=int(chunk.size),
+            )
+            if len(rounds) <= r:
+                rounds.append([])
+            rounds[r].append(record)
+    return rounds
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
+    with pa.ipc.new_stream(sink, VALUE_SCHEMA, options=options) as writer:
+        writer.write_table(table.cast(VALUE_SCHEMA))
+    return sink.getvalue()
+
+
+@dataclass
+class DecodedChangelog:
+    """Changelog records decoded for `StateStore.apply`.
+
+    Attributes:
+        events: `DECODED_SCHEMA` rows not seen before, in changelog order.
+        offsets: next offset per (topic, partition): the sources' (from the records' headers)
+            and the changelog's own (record offset + 1).
+        records: how many records were read.
+    """
+
+    events: pa.Table
+    offsets: dict[tuple[str, int], int]
+    records: int
+
+
+class ChangelogDecoder:
+    """Decodes changelog records, dropping every row at or below an offset already seen of its
+    source partition (duplicate records); `seen` starts at the store's next offsets."""
+
+    def __init__(self, stored: Mapping[tuple[str, int], int] | None = None) -> None:
+        self._next: dict[tuple[str, int], int] = dict(stored or {})
+
+    def decode(self, records: Sequence) -> DecodedChangelog:
+        """`records`: kafka-python ConsumerRecords of the changelog, each partition's in offset order.
+
+        Raises:
+            ChangelogError: a record without the changelog headers, of another format version,
+                or whose value is not the expected Arrow stream.
+        """
+        tables: list[pa.Table] = []
+        offsets: dict[tuple[str, int], int] = {}
+        for record in records:
+            headers = dict(record.headers or [])
+            if headers.get(FORMAT_HEADER) != FORMAT_VERSION:
+                raise ChangelogError(
+                    f"{record.topic}[{record.partition}]@{record.offset}: not a changelog record of format "
+                    f"{FORMAT_VERSION.decode()} (headers {sorted(headers)})"
+                )
+            try:
+                source = (headers["source.topic"].decode(), int(headers["source.partition"]))
+                next_offset = int(headers["source.next_offset"])
+                with pa.ipc.open_stream(record.value) as reader:
+                    table = reader.read_all()
+            except (KeyError, ValueError, pa.ArrowInvalid) as exc:
+                raise ChangelogError(f"{record.topic}[{record.partition}]@{record.offset}: {exc}") from exc
+            seen = self._next.get(source, 0)
+            if table.num_rows:
+                fresh = np.flatnonzero(table.column("offset").to_numpy() >= seen)
+                if fresh.size < table.num_rows:
+                    table = table.take(pa.array(fresh, type=pa.int64()))
+                if table.num_rows:
+                    seen = int(table.column("offset")[-1].as_py()) + 1
+                    tables.append(_with_source(table, *source))
+            self._next[source] = max(seen, next_offset)
+            offsets[source] = self._next[source]
+            offsets[(record.topic, record.partition)] = record.offset + 1
+        events = pa.concat_tables(tables) if tables else DECODED_SCHEMA.empty_table()
+        return DecodedChangelog(events, offsets, len(records))
+
+
+def _with_source(table: pa.Table, topic: str, partition: int) -> pa.Table:
+    n = table.num_rows
+    columns = {name: table.column(name) for name in VALUE_SCHEMA.names}
+    columns["topic"] = pa.array([topic] * n, pa.string())
+    columns["partition"] = pa.array(np.full(n, partition, np.int32))
+    return pa.table({f.name: columns[f.name] for f in DECODED_SCHEMA}, schema=DECODED_SCHEMA)
+
+
+def read_partition(
+    consumer: KafkaConsumer, topic: str, partition: int, start: int, timeout_s: float, max_records: int
+) -> Iterator[list]:
+    """Every record of changelog `topic[partition]` from offset `start` to the high watermark found
+    when the read began, in polls of at most `max_records`. `consumer` joins no group and is
+    assigned only this partition while reading.
+
+    Raises:
+        TimeoutError: the end was not reached within `timeout_s`.
+    """
+    tp = TopicPartition(topic, partition)
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    deadline = time.monotonic() + timeout_s
+    end: int | None = None
+    while True:
+        polled = consumer.poll(timeout_ms=RESTORE_POLL_MS, max_records=max_records)
+        records = polled.get(tp, [])
+        if end is None:
+            end = consumer.highwater(tp)  # known after the first fetch response
+        if records:
+            yield records
+        if end is not None and consumer.position(tp) >= end:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"changelog {topic}[{partition}] not read to its end ({end}) within {timeout_s} s: "
+                f"at {consumer.position(tp)}"
+            )
