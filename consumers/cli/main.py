@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "broker",
     "replay",
     "schemas",
+    "status",
 )
 
 log = logging.getLogger("casm")

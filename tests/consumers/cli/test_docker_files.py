@@ -1,9 +1,12 @@
 """docker/ cannot be run here (no Docker engine): check it statically. The compose file parses,
-every CASM_ variable it or the Dockerfile sets is a real setting with a valid value, and the
-image's command is a real `casm` sub-command."""
+every CASM_ variable it or the Dockerfile sets is a real setting with a valid value, the image's
+command is a real `casm` sub-command, and the compose file is a scale-out deployment: three ingest
+instances and one trainer, each with its own instance id, state volume and metrics port, all on the
+kafka service and in one consumer group."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 import yaml
 
 from consumers.cli import build_parser
+from consumers.cli.main import command_settings
 from consumers.settings import CasmSettings
 
 DOCKER = Path(__file__).resolve().parents[3] / "docker"
@@ -32,11 +36,44 @@ def dockerfile_env() -> dict[str, str]:
     return env
 
 
-def casm_variables() -> dict[str, str]:
+def casm_services() -> dict[str, dict]:
+    """The services that run the casm-stream image (built from docker/Dockerfile)."""
+    return {name: service for name, service in compose()["services"].items()
+            if (service.get("build") or {}).get("dockerfile") == "docker/Dockerfile"}
+
+
+def service_variables(service: dict) -> dict[str, str]:
+    """The CASM_ variables a casm container sees: the Dockerfile's, then the service's."""
     found = {k: v for k, v in dockerfile_env().items() if k.startswith("CASM_")}
-    for service in compose()["services"].values():
-        found.update({k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("CASM_")})
+    found.update({k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("CASM_")})
     return found
+
+
+def casm_variables() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for service in casm_services().values():
+        found.update(service_variables(service))
+    return found
+
+
+def role(service: dict) -> str:
+    """`scale.role` of a service: its command's --role / --scale.role, else CASM_SCALE__ROLE."""
+    command = service.get("command") or []
+    command = shlex.split(command) if isinstance(command, str) else command
+    for flag in ("--role", "--scale.role"):
+        if flag in command:
+            return command[command.index(flag) + 1]
+    return service_variables(service).get("CASM_SCALE__ROLE", "all")
+
+
+def serve_has_role_alias() -> bool:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    return "--role" in serve._option_string_actions
+
+
+def clear_casm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in list(os.environ) if k.startswith("CASM_")]:
+        monkeypatch.delenv(key)
 
 
 def setting_exists(name: str) -> bool:
@@ -55,9 +92,47 @@ def setting_exists(name: str) -> bool:
 
 def test_compose_parses_with_kafka_kraft_and_the_service() -> None:
     services = compose()["services"]
-    assert {"kafka", "casm"} <= set(services)
+    assert "kafka" in services
     assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
-    assert services["casm"]["build"]["dockerfile"] == "docker/Dockerfile"
+    assert len(casm_services()) == len(services) - 1  # every other service runs the casm image
+    for service in casm_services().values():
+        assert service["build"]["context"] == ".."
+        assert service["depends_on"]["kafka"]["condition"] == "service_healthy"
+        assert service["command"][0] == "serve"
+
+
+def test_compose_is_three_ingest_instances_and_one_trainer() -> None:
+    services = casm_services()
+    roles = sorted(role(service) for service in services.values())
+    assert roles == ["ingest", "ingest", "ingest", "trainer"]
+    variables = [service_variables(service) for service in services.values()]
+    ids = [v.get("CASM_SCALE__INSTANCE_ID", "") for v in variables]
+    assert all(ids) and len(set(ids)) == len(ids), ids
+    volumes = [[v.split(":")[0] for v in service.get("volumes", []) if v.endswith(":/var/lib/casm")]
+               for service in services.values()]
+    assert all(len(v) == 1 for v in volumes), volumes  # the state folder of each is a volume ...
+    assert len({v[0] for v in volumes}) == len(volumes)  # ... of its own
+    assert {v[0] for v in volumes} <= set(compose()["volumes"])
+    assert {v["CASM_KAFKA__BOOTSTRAP_SERVERS"] for v in variables} == {"kafka:9092"}
+    assert len({v["CASM_KAFKA__GROUP_ID"] for v in variables}) == 1  # one consumer group
+    for name in ("TOPICS__BEHAVIOURS", "TOPICS__CHANGELOG", "TOPICS__MODELS", "TOPICS__STATUS",
+                 "TOPICS__PARTITIONS"):
+        assert len({v.get(f"CASM_{name}") for v in variables}) == 1, name  # the same topics
+    host_ports = [port.rsplit(":", 2)[-2] for service in services.values() for port in service["ports"]]
+    container_ports = {port.rsplit(":", 1)[-1] for service in services.values() for port in service["ports"]}
+    assert len(host_ports) == len(services) and len(set(host_ports)) == len(host_ports)  # distinct
+    assert container_ports == {v["CASM_SERVE__METRICS_PORT"] for v in variables}
+
+
+@pytest.mark.skipif(not serve_has_role_alias(), reason="`casm serve --role` (alias of --scale.role) is absent")
+def test_each_service_command_and_environment_make_its_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, service in casm_services().items():
+        clear_casm_environment(monkeypatch)
+        for key, value in service_variables(service).items():
+            monkeypatch.setenv(key, value)
+        settings, _ = command_settings(build_parser().parse_args(service["command"]))
+        assert settings.scale.role == role(service), name
+        assert settings.scale.instance_id == service_variables(service)["CASM_SCALE__INSTANCE_ID"]
 
 
 def test_every_casm_variable_is_a_real_setting() -> None:
@@ -69,13 +144,13 @@ def test_every_casm_variable_is_a_real_setting() -> None:
 
 
 def test_the_variables_validate_as_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in list(__import__("os").environ) if k.startswith("CASM_")]:
-        monkeypatch.delenv(key)
-    for key, value in casm_variables().items():
-        monkeypatch.setenv(key, value)
-    settings = CasmSettings()
-    assert settings.kafka.bootstrap_servers == "kafka:9092"
-    assert str(settings.store.path) == "/var/lib/casm/casm.duckdb"
+    for service in casm_services().values():
+        clear_casm_environment(monkeypatch)
+        for key, value in service_variables(service).items():
+            monkeypatch.setenv(key, value)
+        settings = CasmSettings()
+        assert settings.kafka.bootstrap_servers == "kafka:9092"
+        assert str(settings.store.path) == "/var/lib/casm/casm.duckdb"
 
 
 def test_image_command_is_a_casm_sub_command() -> None:
