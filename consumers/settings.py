@@ -363,6 +363,11 @@ class CasmSettings(BaseSettings):
                 f"store.sequence_length {self.store.sequence_length} is below model.max_len + 1 = "
                 f"{self.model.max_len + 1} (the trainer's window: the model's input and the next event)"
             )
+        if self.scale.role != "all" and self.serve.training != "continuous":
+            # Deterministic rounds count polled records; the trainer's are changelog records of
+            # many events, and an ingest instance does not train.
+            problems.append(f"scale.role {self.scale.role!r} needs serve.training 'continuous', not "
+                            f"{self.serve.training!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

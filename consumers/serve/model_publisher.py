@@ -60,6 +60,7 @@ class PublishingModel(ServingModel):
                           version, self.settings.topics.models)
                 return
         self.published += 1
+        self.published_at = started
         log.info("model version %d published to %s: %d records, %.1f MB, %.2f s", version,
                  self.settings.topics.models, len(records), sum(len(v) for _, v, _ in records) / 1e6,
                  time.time() - started)

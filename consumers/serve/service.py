@@ -30,7 +30,9 @@ whose newest event has no published list in the store and refreshes them first.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +52,7 @@ from consumers.serve.offset_guard import OffsetGuard
 from consumers.serve.partition_state import PartitionStates
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
+from consumers.serve.status import InstanceStatus, StatusReporter, instance_id, lag_by_key
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training.link import TrainerLink
@@ -170,6 +173,9 @@ class Service:
                                           group_id=trainer_group(settings) if self.role == "trainer" else None,
                                           on_assign=self._on_assign, on_revoke=self._on_revoke,
                                           auto_offset_reset="none")
+            self.instance = instance_id(settings)
+            self.status = StatusReporter(self.producer, self.topics.status, settings.scale.status_every_s,
+                                         self._status_snapshot)
             self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
             self.telemetry: TelemetryServer | None = None
             if self.cfg.metrics_port is not None:
@@ -319,6 +325,20 @@ class Service:
             self.publisher.work()
         self._update_lag()
         self._commit_applied()
+        try:
+            self.status.maybe_publish()
+        except Exception:  # noqa: BLE001 - status is for operators; serving goes on
+            log.exception("could not take this instance's status")
+
+    def _status_snapshot(self) -> InstanceStatus:
+        """What `casm status` shows of this instance (polling thread: it reads the consumer)."""
+        return InstanceStatus(
+            instance=self.instance, role=self.role, host=socket.gethostname(), pid=os.getpid(),
+            partitions=sorted(tp.partition for tp in self.consumer.assignment()),
+            lag=lag_by_key(lag(self.consumer)), model_version=self.serving.version,
+            model_published_at=self.serving.published_at, model_loaded_at=self.serving.loaded_at,
+            events_applied=self.stage.events_applied_total,
+        )
 
     def _decode(self, flat: list) -> DecodedBatch:
         """The polled records decoded and validated (the one pass of `stream.decode`); the
@@ -412,6 +432,10 @@ class Service:
         try:
             self.stage.close(timeout_s=self.cfg.worker_timeout_s)
             self.publisher.close(timeout_s=self.cfg.worker_timeout_s)
+            try:
+                self.status.publish_stopped(timeout_s=CLOSE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - status is for operators
+                log.exception("could not publish the stopped status")
             if not self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000):
                 log.warning("%d records were not acknowledged before shutdown (lists among them are sent "
                             "again at the next start)", self.producer.backlog)

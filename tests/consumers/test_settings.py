@@ -140,6 +140,8 @@ def test_a_short_flag_is_validated_as_its_setting(capsys) -> None:
         ({"kafka": {"heartbeat_interval_ms": 10_000}}, "kafka.heartbeat_interval_ms 10000 must be below kafka.session_timeout_ms 10000"),
         ({"behaviours": {"target": "click"}}, "target behaviour 'click' is not among"),
         ({"behaviours": {"alpha": {"click": 1.0}}}, "alpha names behaviours that are not in the vocabulary: ['click']"),
+        ({"scale": {"role": "trainer"}, "serve": {"training": "deterministic"}},
+         "scale.role 'trainer' needs serve.training 'continuous', not 'deterministic'"),
     ],
 )
 def test_settings_that_disagree_fail_at_load_naming_both(overrides: dict, message: str) -> None:
