@@ -156,10 +156,10 @@ def bench_restore(args: argparse.Namespace) -> dict:
             with open_store(target) as store:
                 states = PartitionStates(target, broker.bootstrap, store, _NoPublisher(), ServiceMetrics(10.0))
                 started = time.perf_counter()
-                restored, _ = states._restore(0)
+                restored = states._restore([0])[0][0]
                 restore_s = time.perf_counter() - started
                 started = time.perf_counter()
-                again, _ = states._restore(0)  # current already: only the high watermark is read
+                again = states._restore([0])[0][0]  # current already: only the high watermark is read
                 current_s = time.perf_counter() - started
                 states.close()
                 assert restored == n and again == 0, (restored, again, n)

@@ -110,7 +110,7 @@ class ServiceMetrics:
         self.restored_events = Counter(
             "casm_restored_events", "Events restored from the changelog at assignments", ["partition"], registry=r)
         self.restore_seconds = Histogram(
-            "casm_restore_seconds", "Wall seconds to bring one assigned partition up to its changelog",
+            "casm_restore_seconds", "Wall seconds to bring an assignment's partitions up to their changelog",
             registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.released_partitions = Counter(
             "casm_released_partitions", "Partitions whose state was released after they moved away", registry=r)

@@ -41,8 +41,8 @@ FORMAT_HEADER = "casm.changelog"
 VALUE_SCHEMA = pa.schema([f for f in DECODED_SCHEMA if f.name not in ("topic", "partition")])
 #: zstd: the columns are repetitive ids; a record is written once and read at every restore.
 COMPRESSION = "zstd"
-#: Poll period of a restore read (ms): short, the partition is read as fast as it comes.
-RESTORE_POLL_MS = 200
+#: Poll period of a restore read (ms): short, a current partition is known as such after one fetch.
+RESTORE_POLL_MS = 50
 
 
 class ChangelogError(ValueError):
@@ -184,32 +184,38 @@ def _with_source(table: pa.Table, topic: str, partition: int) -> pa.Table:
     return pa.table({f.name: columns[f.name] for f in DECODED_SCHEMA}, schema=DECODED_SCHEMA)
 
 
-def read_partition(
-    consumer: KafkaConsumer, topic: str, partition: int, start: int, timeout_s: float, max_records: int
-) -> Iterator[list]:
-    """Every record of changelog `topic[partition]` from offset `start` to the high watermark found
-    when the read began, in polls of at most `max_records`. `consumer` joins no group and is
-    assigned only this partition while reading.
+def read_partitions(
+    consumer: KafkaConsumer, topic: str, starts: Mapping[int, int], timeout_s: float, max_records: int
+) -> Iterator[tuple[int, list]]:
+    """Every record of the changelog partitions `starts` (partition -> first offset) up to the
+    high watermark each had when the read began: (partition, records) in polls of at most
+    `max_records`, each partition's in offset order. `consumer` joins no group and is assigned
+    only these partitions while reading (one read for all: a current partition costs nothing
+    but the first fetch).
 
     Raises:
-        TimeoutError: the end was not reached within `timeout_s`.
+        TimeoutError: the ends were not reached within `timeout_s`.
     """
-    tp = TopicPartition(topic, partition)
-    consumer.assign([tp])
-    consumer.seek(tp, start)
+    partitions = {p: TopicPartition(topic, p) for p in starts}
+    if not partitions:
+        return
+    consumer.assign(list(partitions.values()))
+    for p, tp in partitions.items():
+        consumer.seek(tp, starts[p])
     deadline = time.monotonic() + timeout_s
-    end: int | None = None
-    while True:
+    ends: dict[int, int] = {}
+    left = set(partitions)
+    while left:
         polled = consumer.poll(timeout_ms=RESTORE_POLL_MS, max_records=max_records)
-        records = polled.get(tp, [])
-        if end is None:
-            end = consumer.highwater(tp)  # known after the first fetch response
-        if records:
-            yield records
-        if end is not None and consumer.position(tp) >= end:
-            return
-        if time.monotonic() > deadline:
+        for p in list(left):
+            tp = partitions[p]
+            if p not in ends and (high := consumer.highwater(tp)) is not None:
+                ends[p] = high  # known after the partition's first fetch response
+            if records := polled.get(tp):
+                yield p, records
+            if p in ends and consumer.position(tp) >= ends[p]:
+                left.discard(p)
+        if left and time.monotonic() > deadline:
             raise TimeoutError(
-                f"changelog {topic}[{partition}] not read to its end ({end}) within {timeout_s} s: "
-                f"at {consumer.position(tp)}"
+                f"changelog {topic} partitions {sorted(left)} not read to their ends ({ends}) within {timeout_s} s"
             )

@@ -30,7 +30,7 @@ from consumers.serve.publisher import Publisher
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics
 from state.store import StateStore
-from stream.changelog import ChangelogDecoder, read_partition
+from stream.changelog import ChangelogDecoder, read_partitions
 from stream.clients import make_consumer
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Restored:
 
     released: list[int] = field(default_factory=list)
     restored_events: dict[int, int] = field(default_factory=dict)  # partition -> events applied from the changelog
-    seconds: dict[int, float] = field(default_factory=dict)  # partition -> wall s to bring it up to date
+    seconds: float = 0.0  # wall s to bring them all up to date
     refreshed_users: int = 0
 
 
@@ -72,22 +72,18 @@ class PartitionStates:
         if lost:
             self._release(lost)
             done.released = lost
-        touched: set[str] = set()
-        for partition in sorted(partitions):
-            started = time.monotonic()
-            events, users = self._restore(partition)
-            done.seconds[partition] = time.monotonic() - started
-            done.restored_events[partition] = events
-            touched.update(users)
-            self.metrics.restore_seconds.observe(done.seconds[partition])
+        started = time.monotonic()
+        done.restored_events, touched = self._restore(partitions)
+        done.seconds = time.monotonic() - started
+        self.metrics.restore_seconds.observe(done.seconds)
+        for partition, events in done.restored_events.items():
             if events:
                 self.metrics.restored_events.labels(str(partition)).inc(events)
         if touched:
             self.publisher.touch(sorted(touched), time.monotonic())
         done.refreshed_users = len(touched)
-        log.info("assignment %s: released %s; restored from %s: %s events (%.2f s in all); %d users to refresh",
-                 sorted(partitions), lost, self.changelog, done.restored_events, sum(done.seconds.values()),
-                 len(touched))
+        log.info("assignment %s: released %s; restored from %s: %s events in %.2f s; %d users to refresh",
+                 sorted(partitions), lost, self.changelog, done.restored_events, done.seconds, len(touched))
         self.history.append(done)
         return done
 
@@ -102,16 +98,21 @@ class PartitionStates:
         self.store.release([(topic, p) for p in lost for topic in (self.source, self.changelog)])
         self.metrics.released_partitions.inc(len(lost))
 
-    def _restore(self, partition: int) -> tuple[int, set[str]]:
-        """Apply the changelog of `partition` from the store's changelog offset to its end."""
-        start = self.store.offsets(self.changelog).get(partition, 0)
-        decoder = ChangelogDecoder({(self.source, partition): self.store.offsets(self.source).get(partition, 0)})
-        applied, users = 0, set()
-        for records in read_partition(self._reader(), self.changelog, partition, start,
-                                      self.settings.scale.restore_timeout_s, self.settings.kafka.max_poll_records):
-            decoded = decoder.decode(records)
+    def _restore(self, partitions: list[int]) -> tuple[dict[int, int], set[str]]:
+        """Apply each partition's changelog from the store's changelog offset to its end; returns
+        the events applied per partition and the users they touched."""
+        changelog = self.store.offsets(self.changelog)
+        stored = self.store.offsets(self.source)
+        decoders = {p: ChangelogDecoder({(self.source, p): stored.get(p, 0)}) for p in partitions}
+        applied = dict.fromkeys(partitions, 0)
+        users: set[str] = set()
+        for partition, records in read_partitions(self._reader(), self.changelog,
+                                                  {p: changelog.get(p, 0) for p in partitions},
+                                                  self.settings.scale.restore_timeout_s,
+                                                  self.settings.kafka.max_poll_records):
+            decoded = decoders[partition].decode(records)
             result = self.store.apply(decoded.events, decoded.offsets)
-            applied += result.applied
+            applied[partition] += result.applied
             users.update(result.touched_users)
         return applied, users
 

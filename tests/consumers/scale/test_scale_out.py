@@ -139,84 +139,90 @@ def test_three_ingest_instances_and_a_trainer_equal_one_instance(kafka_bootstrap
     def running_ingest(found: dict, names: set[str]) -> list:
         return [s for n, s in found.items() if n in names and s.state == "running" and s.role == "ingest"]
 
-    produce(0, int(EVENTS * 0.4))
-    processes = {"trainer": start(env("trainer", "trainer"))}
-    for name in ("ingest-1", "ingest-2", "ingest-3"):
-        processes[name] = start(env(name, "ingest"))
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        produce(0, int(EVENTS * 0.4))
+        processes["trainer"] = start(env("trainer", "trainer"))
+        for name in ("ingest-1", "ingest-2", "ingest-3"):
+            processes[name] = start(env(name, "ingest"))
 
-    def covered(found: dict, names: set[str]) -> bool:
-        """Each of `names` running and holding partitions, together each partition once."""
-        ingest = running_ingest(found, names)
-        held = [p for s in ingest for p in s.partitions]
-        return sorted(held) == list(range(PARTITIONS)) and len(ingest) == len(names) and all(s.partitions for s in ingest)
+        def covered(found: dict, names: set[str]) -> bool:
+            """Each of `names` running and holding partitions, together each partition once."""
+            ingest = running_ingest(found, names)
+            held = [p for s in ingest for p in s.partitions]
+            return sorted(held) == list(range(PARTITIONS)) and len(ingest) == len(names) and all(s.partitions for s in ingest)
 
-    before = wait_for(lambda f: covered(f, {"ingest-1", "ingest-2", "ingest-3"}), "three instances sharing the partitions")
-    # The rest of the log at a steady rate in two parts, the kill in the first, the join in the second.
-    first = threading.Thread(target=produce, args=(int(EVENTS * 0.4), int(EVENTS * 0.7), KILL_PART_RATE), daemon=True)
-    first.start()
-    wait_for(lambda f: f["ingest-2"].events_applied > before["ingest-2"].events_applied, "ingest-2 mid-stream",
-             timeout_s=60)
-    processes["ingest-2"].send_signal(signal.SIGKILL)  # its partitions move to the others
-    processes["ingest-2"].wait(timeout=30)
-    survivors = {"ingest-1", "ingest-3"}
-    wait_for(lambda f: covered(f, survivors), "the killed instance's partitions taken over")
-    first.join(timeout=120)
-    second = threading.Thread(target=produce, args=(int(EVENTS * 0.7), EVENTS, JOIN_PART_RATE), daemon=True)
-    second.start()
-    processes["ingest-4"] = start(env("ingest-4", "ingest"))  # a fourth joins mid-run
-    survivors |= {"ingest-4"}
-    wait_for(lambda f: covered(f, survivors), "the fourth instance taking partitions")
-    joined_mid_run = second.is_alive()
-    second.join(timeout=120)
+        before = wait_for(lambda f: covered(f, {"ingest-1", "ingest-2", "ingest-3"}), "three instances sharing the partitions")
+        # The rest of the log at a steady rate in two parts, the kill in the first, the join in the second.
+        first = threading.Thread(target=produce, args=(int(EVENTS * 0.4), int(EVENTS * 0.7), KILL_PART_RATE), daemon=True)
+        first.start()
+        wait_for(lambda f: f["ingest-2"].events_applied > before["ingest-2"].events_applied, "ingest-2 mid-stream",
+                 timeout_s=60)
+        processes["ingest-2"].send_signal(signal.SIGKILL)  # its partitions move to the others
+        processes["ingest-2"].wait(timeout=30)
+        survivors = {"ingest-1", "ingest-3"}
+        wait_for(lambda f: covered(f, survivors), "the killed instance's partitions taken over")
+        first.join(timeout=120)
+        second = threading.Thread(target=produce, args=(int(EVENTS * 0.7), EVENTS, JOIN_PART_RATE), daemon=True)
+        second.start()
+        processes["ingest-4"] = start(env("ingest-4", "ingest"))  # a fourth joins mid-run
+        survivors |= {"ingest-4"}
+        wait_for(lambda f: covered(f, survivors), "the fourth instance taking partitions")
+        joined_mid_run = second.is_alive()
+        second.join(timeout=120)
 
-    def settled(found: dict) -> bool:
-        trainer = found.get("trainer")
-        ingest = running_ingest(found, survivors)
-        return (covered(found, survivors) and all(s.total_lag == 0 for s in ingest) and trainer is not None
-                and trainer.total_lag == 0 and trainer.model_version >= 1
-                and all(s.model_version == trainer.model_version for s in ingest))
+        def settled(found: dict) -> bool:
+            trainer = found.get("trainer")
+            ingest = running_ingest(found, survivors)
+            return (covered(found, survivors) and all(s.total_lag == 0 for s in ingest) and trainer is not None
+                    and trainer.total_lag == 0 and trainer.model_version >= 1
+                    and all(s.model_version == trainer.model_version for s in ingest))
 
-    final = wait_for(settled, "all caught up on one model version")
-    for name, process in processes.items():
-        if name != "ingest-2":
-            process.send_signal(signal.SIGTERM)
-    for name, process in processes.items():
-        assert process.wait(timeout=120) in (0, -signal.SIGKILL), log_tail(tmp_path / f"{name}.log")
-        if name != "ingest-2":
-            assert process.returncode == 0, log_tail(tmp_path / f"{name}.log")
-    producer.close()
-    assert sent == EVENTS
+        final = wait_for(settled, "all caught up on one model version")
+        for name, process in processes.items():
+            if name != "ingest-2":
+                process.send_signal(signal.SIGTERM)
+        for name, process in processes.items():
+            assert process.wait(timeout=120) in (0, -signal.SIGKILL), log_tail(tmp_path / f"{name}.log")
+            if name != "ingest-2":
+                assert process.returncode == 0, log_tail(tmp_path / f"{name}.log")
+        producer.close()
+        assert sent == EVENTS
 
-    # Every ingest instance served the trainer's newest version within MODEL_SWAP_S of its publication.
-    version = final["trainer"].model_version
-    for status in running_ingest(final, survivors):
-        assert status.model_version == version
-        assert status.model_loaded_at - status.model_published_at < MODEL_SWAP_S, status
+        # Every ingest instance served the trainer's newest version within MODEL_SWAP_S of its publication.
+        version = final["trainer"].model_version
+        for status in running_ingest(final, survivors):
+            assert status.model_version == version
+            assert status.model_loaded_at - status.model_published_at < MODEL_SWAP_S, status
 
-    # One single-instance run of the same log, for reference.
-    reference_env = env_for(kafka_bootstrap, settings, tmp_path, "reference", "all", f"{group}-reference",
-                            f"{topics.recommendations}-reference")
-    reference_process = start(reference_env, "--idle-exit-s", "3")
-    assert reference_process.wait(timeout=300) == 0, log_tail(tmp_path / "reference.log")
-    reference = state_of(settings, tmp_path / "reference.duckdb")
-    assert len(reference["events"]) == EVENTS
+        # One single-instance run of the same log, for reference.
+        reference_env = env_for(kafka_bootstrap, settings, tmp_path, "reference", "all", f"{group}-reference",
+                                f"{topics.recommendations}-reference")
+        reference_process = start(reference_env, "--idle-exit-s", "3")
+        assert reference_process.wait(timeout=300) == 0, log_tail(tmp_path / "reference.log")
+        reference = state_of(settings, tmp_path / "reference.duckdb")
+        assert len(reference["events"]) == EVENTS
 
-    parts = {name: state_of(settings, tmp_path / f"{name}.duckdb") for name in sorted(survivors)}
-    held = sorted(p for part in parts.values() for p in part["partitions"])
-    assert held == list(range(PARTITIONS))  # each store holds only its partitions, together all
-    union = [e for part in parts.values() for e in part["events"]]
-    assert len(union) == len({key for key, _ in union}) == EVENTS  # every event exactly once
-    assert sorted(union) == sorted(reference["events"])
-    sequences = {u: s for part in parts.values() for u, s in part["sequences"].items()}
-    assert sequences == reference["sequences"]  # every sequence equal (item ids, behaviours, newest offset)
-    trainer = state_of(settings, tmp_path / "trainer.duckdb")  # the trainer rebuilt all of it from the changelog
-    assert sorted(trainer["events"]) == sorted(reference["events"]) and trainer["sequences"] == reference["sequences"]
+        parts = {name: state_of(settings, tmp_path / f"{name}.duckdb") for name in sorted(survivors)}
+        held = sorted(p for part in parts.values() for p in part["partitions"])
+        assert held == list(range(PARTITIONS))  # each store holds only its partitions, together all
+        union = [e for part in parts.values() for e in part["events"]]
+        assert len(union) == len({key for key, _ in union}) == EVENTS  # every event exactly once
+        assert sorted(union) == sorted(reference["events"])
+        sequences = {u: s for part in parts.values() for u, s in part["sequences"].items()}
+        assert sequences == reference["sequences"]  # every sequence equal (item ids, behaviours, newest offset)
+        trainer = state_of(settings, tmp_path / "trainer.duckdb")  # the trainer rebuilt all of it from the changelog
+        assert sorted(trainer["events"]) == sorted(reference["events"]) and trainer["sequences"] == reference["sequences"]
 
-    # Every user has a list, and the newest one reflects their newest event.
-    newest: dict[str, int] = {}
-    for record in read_topic(settings.kafka, kafka_bootstrap, topics.recommendations, timeout_s=60):
-        value = json.loads(record.value)
-        if value.get("event_offset") is not None:
-            newest[value["user_id"]] = max(newest.get(value["user_id"], -1), int(value["event_offset"]))
-    assert {u: newest.get(u) for u in reference["sequences"]} == {u: s[2] for u, s in reference["sequences"].items()}
-    assert joined_mid_run, "the log was replayed before the fourth instance joined: slow the rate"
+        # Every user has a list, and the newest one reflects their newest event.
+        newest: dict[str, int] = {}
+        for record in read_topic(settings.kafka, kafka_bootstrap, topics.recommendations, timeout_s=60):
+            value = json.loads(record.value)
+            if value.get("event_offset") is not None:
+                newest[value["user_id"]] = max(newest.get(value["user_id"], -1), int(value["event_offset"]))
+        assert {u: newest.get(u) for u in reference["sequences"]} == {u: s[2] for u, s in reference["sequences"].items()}
+        assert joined_mid_run, "the log was replayed before the fourth instance joined: slow the rate"
+    finally:  # never leave an instance behind (a failed check must not keep it reconnecting)
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
