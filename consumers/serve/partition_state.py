@@ -60,6 +60,7 @@ class PartitionStates:
         self.changelog = settings.topics.changelog
         self._consumer: KafkaConsumer | None = None
         self.history: list[Restored] = []
+        self.events_restored = 0  # in all assignments
 
     def held(self) -> set[int]:
         """Input partitions the store holds state (offsets) of."""
@@ -74,6 +75,7 @@ class PartitionStates:
             done.released = lost
         started = time.monotonic()
         done.restored_events, touched = self._restore(partitions)
+        self.events_restored += sum(done.restored_events.values())
         done.seconds = time.monotonic() - started
         self.metrics.restore_seconds.observe(done.seconds)
         for partition, events in done.restored_events.items():

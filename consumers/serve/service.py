@@ -338,6 +338,7 @@ class Service:
             lag=lag_by_key(lag(self.consumer)), model_version=self.serving.version,
             model_published_at=self.serving.published_at, model_loaded_at=self.serving.loaded_at,
             events_applied=self.stage.events_applied_total,
+            events_restored=0 if self.partition_states is None else self.partition_states.events_restored,
         )
 
     def _decode(self, flat: list) -> DecodedBatch:

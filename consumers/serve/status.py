@@ -62,6 +62,8 @@ class InstanceStatus:
     partitions it reads); `lag` maps ``"topic[p]"`` (`lag_key`) to records behind the high
     watermark. `model_published_at` is when the trainer published `model_version`,
     `model_loaded_at` when this instance swapped it in (unix s; None before any model).
+    `events_applied` counts the events this process applied from its input (its store's at start
+    included), `events_restored` those it restored from the changelog at assignments (scale-out).
     `at` is when the record was made (unix s; `StatusReporter` sets it at each send).
     """
 
@@ -75,6 +77,7 @@ class InstanceStatus:
     model_published_at: float | None = None
     model_loaded_at: float | None = None
     events_applied: int = 0
+    events_restored: int = 0
     at: float = 0.0
     state: str = RUNNING
 
@@ -108,6 +111,7 @@ class InstanceStatus:
                 model_published_at=_optional_number(data.get("model_published_at")),
                 model_loaded_at=_optional_number(data.get("model_loaded_at")),
                 events_applied=_integer(data.get("events_applied", 0)),
+                events_restored=_integer(data.get("events_restored", 0)),
                 at=_number(data.get("at", 0.0)),
                 state=_text(data.get("state", RUNNING)),
             )
