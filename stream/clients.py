@@ -319,23 +319,38 @@ def topic_partitions(consumer: KafkaConsumer, topic: str, timeout_s: float) -> l
         time.sleep(0.05)
 
 
+def _seek_to_tail(consumer: KafkaConsumer, partitions: list[TopicPartition], tail: int, deadline: float) -> None:
+    """Seek each partition to its last `tail` records (high watermarks as the first fetches tell
+    them: the broker's end offsets are not to be trusted)."""
+    while any(consumer.highwater(tp) is None for tp in partitions) and time.monotonic() < deadline:
+        consumer.poll(timeout_ms=50, max_records=1)
+    for tp in partitions:
+        high = consumer.highwater(tp)
+        if high is not None:
+            consumer.seek(tp, max(0, high - tail))
+
+
 def read_topic(
     cfg: KafkaConfig,
     bootstrap: str | Sequence[str],
     topic: str,
     timeout_s: float = 30.0,
     expected: int | None = None,
+    tail: int | None = None,
 ) -> list[ConsumerRecord]:
     """Every record of `topic` now, in offset order per partition (partitions one after another),
-    read without a group from the beginning until each partition's position reaches its high
-    watermark (or `expected` records arrived). For tests, checks and tools, not the service."""
+    read without a group from the beginning (or only each partition's last `tail` records) until
+    each partition's position reaches its high watermark (or `expected` records arrived). For
+    tests, checks and tools, not the service."""
     consumer = make_consumer(cfg, bootstrap, group_id=None)
     try:
         partitions = topic_partitions(consumer, topic, timeout_s)
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
-        by_partition: dict[TopicPartition, list[ConsumerRecord]] = {tp: [] for tp in partitions}
         deadline = time.monotonic() + timeout_s
+        if tail is not None:
+            _seek_to_tail(consumer, partitions, tail, deadline)
+        by_partition: dict[TopicPartition, list[ConsumerRecord]] = {tp: [] for tp in partitions}
         while True:
             polled = consumer.poll(timeout_ms=200)
             for tp, records in polled.items():

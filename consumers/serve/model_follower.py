@@ -106,7 +106,7 @@ class ModelFollower:
         try:
             tp = TopicPartition(self.settings.topics.models, 0)
             consumer.assign([tp])
-            consumer.seek_to_beginning(tp)
+            consumer.seek(tp, self._newest_start(consumer, tp))
             assembler = ModelAssembler()
             while not self._stop.is_set():
                 for record in consumer.poll(timeout_ms=POLL_MS).get(tp, []):
@@ -119,6 +119,27 @@ class ModelFollower:
                         self._swap(version)
         finally:
             consumer.close()
+
+    def _newest_start(self, consumer, tp: TopicPartition) -> int:
+        """Where the newest version's records begin (with one version's length of margin, for a
+        chunk sent twice), so that a start does not read every version ever published; 0 when
+        the topic is empty or its last record says nothing."""
+        consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + self.settings.kafka.request_timeout_ms / 1000.0
+        while (high := consumer.highwater(tp)) is None and time.monotonic() < deadline and not self._stop.is_set():
+            consumer.poll(timeout_ms=POLL_MS, max_records=1)  # the first fetch tells the high watermark
+        if not high:
+            return 0
+        consumer.seek(tp, high - 1)
+        while time.monotonic() < deadline and not self._stop.is_set():
+            for record in consumer.poll(timeout_ms=POLL_MS, max_records=1).get(tp, []):
+                headers = dict(record.headers or [])
+                try:
+                    chunk, count = int(headers["model.chunk"]), int(headers["model.chunks"])
+                except (KeyError, ValueError):
+                    return 0
+                return max(0, record.offset - chunk - count)
+        return 0
 
     def _swap(self, published) -> None:
         meta = published.meta

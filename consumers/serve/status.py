@@ -244,15 +244,16 @@ class StatusReporter:
 
 
 def read_status(
-    kafka_cfg: KafkaConfig, bootstrap: str, topic: str, timeout_s: float
+    kafka_cfg: KafkaConfig, bootstrap: str, topic: str, timeout_s: float, tail: int | None = None
 ) -> dict[str, InstanceStatus]:
     """The newest record (greatest `at`; the later offset on a tie) of each instance in `topic`,
-    read from the beginning to the high watermark without joining a group. Records that are no
+    read from the beginning (or only the last `tail` records: the topic grows by a record per
+    instance per `scale.status_every_s`) to the high watermark without joining a group. Records that are no
     status record are skipped with a warning. Raises TimeoutError when the topic does not exist or
     its end is not reached within `timeout_s` seconds."""
     newest: dict[str, InstanceStatus] = {}
     skipped = 0
-    for record in read_topic(kafka_cfg, bootstrap, topic, timeout_s):
+    for record in read_topic(kafka_cfg, bootstrap, topic, timeout_s, tail=tail):
         if record.value is None:
             continue  # a tombstone (an instance removed by compaction)
         try:

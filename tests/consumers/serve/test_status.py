@@ -243,6 +243,8 @@ def test_published_statuses_read_back(kafka_bootstrap: str, kafka_config, status
     assert replace(found["trainer"], at=0.0) == status("trainer", role="trainer", partitions=[0, 1, 2, 3],
                                                        model_version=5, at=0.0)
     assert "no status record" in caplog.text  # the junk record was skipped
+    # Only the last two records: the junk and ingest-1's stopped record.
+    assert set(read_status(kafka_config, kafka_bootstrap, status_topic, 30.0, tail=2)) == {"ingest-1"}
 
 
 @pytest.mark.integration
