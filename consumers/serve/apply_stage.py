@@ -8,9 +8,12 @@ does the trainer's and the store's housekeeping. One commit, in this order, for 
 
 1. dead letters acknowledged by the broker (else the batch is held back: nothing of it is applied
    and the polling stage re-reads from the store's offsets, see `rewind_wanted`);
-2. events and input offsets written to the store in one transaction (the store is the truth for
-   offsets: a restart seeks to them, and events below them are dropped as redeliveries);
-3. outputs: the touched users are queued for the publisher, which counts a list only once the
+2. scale-out, ingest role only: the batch's changelog records acknowledged by the broker (else
+   the batch is held back as in 1; `changelog_writer`);
+3. events and input offsets (and the changelog's) written to the store in one transaction (the
+   store is the truth for offsets: a restart seeks to them, and events below them are dropped as
+   redeliveries);
+4. outputs: the touched users are queued for the publisher, which counts a list only once the
    broker acknowledged it; Kafka's group offsets are committed afterwards, for monitoring only.
 
 On its own thread (`serve.apply_queue_batches` > 0) the stage takes every queued batch at once, up to

@@ -59,7 +59,6 @@ class PartitionStates:
         self.source = settings.topics.behaviours
         self.changelog = settings.topics.changelog
         self._consumer: KafkaConsumer | None = None
-        self.history: list[Restored] = []
         self.events_restored = 0  # in all assignments
 
     def held(self) -> set[int]:
@@ -86,7 +85,6 @@ class PartitionStates:
         done.refreshed_users = len(touched)
         log.info("assignment %s: released %s; restored from %s: %s events in %.2f s; %d users to refresh",
                  sorted(partitions), lost, self.changelog, done.restored_events, done.seconds, len(touched))
-        self.history.append(done)
         return done
 
     def _release(self, lost: list[int]) -> None:

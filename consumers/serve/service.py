@@ -22,6 +22,12 @@ Two stages on two threads, with a bounded queue between them (`serve.apply_queue
    fixed number of steps follows every `deterministic_round_events` events and both stages run
    inline on this thread.
 
+Scale-out (`scale.role`, README "Scale-out"): `ingest` writes each batch to the changelog before
+its commit, restores and releases partitions at rebalances (`partition_state`) and serves the
+versions of the models topic (`model_follower`, in place of the trainer link); `trainer` reads the
+changelog instead of `behaviours`, trains, watches drift and publishes each version
+(`model_publisher`), but publishes no lists. Every role publishes its status (`status`).
+
 On SIGINT/SIGTERM the loop finishes the batch in hand, publishes what is pending, commits,
 collects the trainer's last version (each version is checkpointed) and closes. A restart finds users
 whose newest event has no published list in the store and refreshes them first.

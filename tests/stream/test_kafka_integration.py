@@ -37,7 +37,7 @@ def test_ensure_topics_is_idempotent(kafka_bootstrap, kafka_config, topic_names)
     first = ensure_topics(kafka_bootstrap, kafka_config, topic_names)
     assert first == {
         topic_names.behaviours: 4, topic_names.recommendations: 4, topic_names.dead_letters: 4,
-        topic_names.scores: 4,
+        topic_names.scores: 4, topic_names.changelog: 4, topic_names.models: 1, topic_names.status: 1,
     }
     assert ensure_topics(kafka_bootstrap, kafka_config, topic_names) == first
     # An existing topic keeps its partitions even when asked for others (never changed).
