@@ -127,10 +127,22 @@ class ServeConfig(BaseModel):
     trainer_restart_backoff_s: float = Field(
         10.0, gt=0, description="A dead trainer process is restarted (from the newest checkpoint) at most this often."
     )
-    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics and /healthz server.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics, /healthz and dashboard (/) server.")
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Its port (0: a free one; None: off).")
     metrics_rate_window_s: float = Field(10.0, gt=0, description="Window of the events/s gauge.")
     health_max_poll_age_s: float = Field(30.0, gt=0, description="/healthz fails when the loop has not polled for this long.")
+    timeline_every_s: float = Field(
+        5.0, gt=0, description="Period (seconds) of the dashboard's samples (`consumers/serve/timeline.py`, "
+        "`GET /api/timeline`).",
+    )
+    timeline_points: int = Field(
+        720, ge=2, description="Samples the dashboard keeps per series (the oldest dropped first): "
+        "timeline_points x timeline_every_s seconds of history in fixed memory.",
+    )
+    hit_users: int = Field(
+        50_000, ge=1, description="Users whose newest acknowledged list is kept for the published HR@K "
+        "(least recently published dropped first; `consumers/serve/published_hits.py`).",
+    )
 
     @property
     def has_model(self) -> bool:

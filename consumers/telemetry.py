@@ -1,7 +1,12 @@
-"""Health and metrics of `casm serve` in the Prometheus text format, on a loopback HTTP port.
+"""Health and metrics of `casm serve` in the Prometheus text format, and its dashboard, on a
+loopback HTTP port.
 
 ``GET /metrics`` serves the metrics, ``GET /healthz`` a JSON status (200 when the loop polled
-recently, 503 otherwise).
+recently, 503 otherwise), ``GET /api/timeline`` the service's bounded history as JSON (its schema
+is in `consumers/serve/timeline.py`; 404 when the server was given none) and ``GET /`` the
+dashboard: one self-contained HTML page (`dashboard.html`: inline CSS and JavaScript, charts
+drawn as inline SVG, no external URL) that fetches /api/timeline every few seconds. Every answer
+carries a Content-Security-Policy that lets the browser load nothing but this origin.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,6 +26,12 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
+
+DASHBOARD_PAGE = Path(__file__).with_name("dashboard.html")
+#: The browser may load, run and style only what this server sends (inline script and style included).
+CONTENT_SECURITY_POLICY = "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'"
+HTML_TYPE = "text/html; charset=utf-8"
+JSON_TYPE = "application/json"
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -117,13 +129,19 @@ class ServiceMetrics:
         self.model_publish_lag = Gauge(
             "casm_model_load_lag_seconds", "Seconds from a version's publication to its swap here", registry=r)
         self._window_s = rate_window_s
+        self._delivery: Callable[[], dict[str, dict[str, int]]] | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic s, events) within the rate window
 
     def watch_delivery(self, stats: Callable[[], dict[str, dict[str, int]]],
                        rebuilds: Callable[[], int]) -> None:
         """Export a producer's counts (`stats()`: sent / acknowledged / failed / given_up per topic)
         as ``casm_produce_<count>_total{topic}`` and its rebuilds as ``casm_producer_rebuilds_total``."""
+        self._delivery = stats
         self.registry.register(_DeliveryCollector(stats, rebuilds))
+
+    def delivery_stats(self) -> dict[str, dict[str, int]]:
+        """The watched producer's counts (count -> topic -> records); empty when none is watched."""
+        return self._delivery() if self._delivery is not None else {}
 
     def count_applied(self, n: int, now: float | None = None) -> None:
         """Record `n` applied events and update the events/s gauge."""
@@ -168,7 +186,8 @@ class _DeliveryCollector:
 
 
 class TelemetryServer:
-    """HTTP server on its own thread: /metrics and /healthz."""
+    """HTTP server on its own thread: /metrics, /healthz, /api/timeline and the dashboard (/).
+    `timeline` returns the history as plain JSON values (the service's `Timeline.to_json`)."""
 
     def __init__(
         self,
@@ -176,21 +195,30 @@ class TelemetryServer:
         health: Callable[[], tuple[bool, dict[str, Any]]],
         host: str,
         port: int,
+        timeline: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
-        metrics_ref, health_ref = metrics, health
+        metrics_ref, health_ref, timeline_ref = metrics, health, timeline
+        page = DASHBOARD_PAGE.read_bytes()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.startswith("/metrics"):
+                path = self.path.split("?", 1)[0]
+                if path.startswith("/metrics"):
                     body, status, ctype = metrics_ref.render(), 200, CONTENT_TYPE_LATEST
-                elif self.path.startswith("/healthz"):
+                elif path.startswith("/healthz"):
                     ok, details = health_ref()
-                    body, status, ctype = json.dumps(details).encode(), 200 if ok else 503, "application/json"
+                    body, status, ctype = json.dumps(details).encode(), 200 if ok else 503, JSON_TYPE
+                elif path == "/api/timeline" and timeline_ref is not None:
+                    body, status, ctype = json.dumps(timeline_ref(), separators=(",", ":")).encode(), 200, JSON_TYPE
+                elif path in ("/", "/index.html"):
+                    body, status, ctype = page, 200, HTML_TYPE
                 else:
                     body, status, ctype = b"not found\n", 404, "text/plain"
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -208,7 +236,8 @@ class TelemetryServer:
 
     def start(self) -> TelemetryServer:
         self._thread.start()
-        log.info("metrics at %s/metrics, health at %s/healthz", self.address, self.address)
+        log.info("dashboard at %s/, metrics at %s/metrics, health at %s/healthz", self.address, self.address,
+                 self.address)
         return self
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from consumers.adapt.signals import SignalWatch
 from consumers.serve.changelog_writer import ChangelogWriter
@@ -44,7 +45,7 @@ from consumers.serve.serving_model import ServingModel
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics
 from consumers.training.link import TrainerLink
-from state.store import StateStore
+from state.store import ApplyResult, StateStore
 from stream.deadletters import DeadLetterPublisher
 from stream.decode import EventValidator
 from stream.delivery import wait_all
@@ -279,6 +280,7 @@ class ApplyStage:
         version, scorer = self.serving.current  # the model of the batch's moment, for the signals
         result = self.store.apply(events, offsets,
                                   before_width=None if self.signals is None else self.settings.model.max_len)
+        self._observe_hits(events, result)  # before the touch: the lists in place are the ones judged
         self.publisher.touch(result.touched_users, time.monotonic())
         if self.signals is not None:
             self.publisher.submit(self.signals.prepare(events, result, scorer if self.cfg.has_model else None,
@@ -292,6 +294,17 @@ class ApplyStage:
         if result.duplicates:
             self.metrics.duplicates.inc(result.duplicates)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _observe_hits(self, events: pa.Table, result: ApplyResult) -> None:
+        """The applied target-behaviour events to the published-HR tracker (`publisher.hits`)."""
+        hits = getattr(self.publisher, "hits", None)  # (stand-in publishers of tests have none)
+        if hits is None or events.num_rows == 0 or result.applied == 0:
+            return
+        if result.rows is not None:  # the applied rows (redeliveries and duplicates left out)
+            events = events.take(pa.array(result.rows))
+        target = events.filter(pc.equal(events.column("behavior"), self.settings.behaviours.target))
+        if target.num_rows:
+            hits.observe(target.column("user_id").to_pylist(), target.column("item_id").to_pylist())
 
     def _deliver_dead_letters(self, dead: list[DeadLetter], batch: DecodedBatch | None) -> bool:
         """Send `dead` and wait for the broker's acknowledgements (``kafka.dead_letter_ack_timeout_s``);

@@ -27,6 +27,7 @@ from casm_core.baselines import RecentItems
 from casm_core.scoring import Scorer
 from consumers.adapt.signals import SignalJob, SignalWatch
 from consumers.serve.item_space import ItemSpace
+from consumers.serve.published_hits import PublishedHits
 from consumers.serve.ranking import PopularItems, RankedList, Ranker, exclusions, ranked_lists
 from consumers.serve.serving_model import ServingModel
 from consumers.settings import CasmSettings
@@ -94,6 +95,7 @@ class Publisher:
         metrics: ServiceMetrics,
         signals: SignalWatch | None,
         lists: bool = True,
+        hits: PublishedHits | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = settings.serve
@@ -103,6 +105,7 @@ class Publisher:
         self.metrics = metrics
         self.signals = signals
         self.lists = lists
+        self.hits = hits  # the published HR@K: acknowledged lists and the popular top-K go there
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, float] = OrderedDict()  # user -> when it became pending
         self._jobs: deque[SignalJob] = deque()
@@ -314,7 +317,15 @@ class Publisher:
             self._counts = self.store.item_popularity(self.cfg.popularity_behaviours or None)
             self._popular, self._recent = PopularItems(self._counts), None
             self._popular_at = now
+            if self.hits is not None:
+                self.hits.set_popular(self._popular_ids(self._popular))
         return self._popular
+
+    def _popular_ids(self, popular: PopularItems) -> list[str]:
+        """The item ids of the shared most-popular top-K (no user's exclusions)."""
+        ids = self._item_vocabulary()
+        best = popular.top_k(np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64), self.cfg.top_k)[1]
+        return [ids[i - 1] for i in best[0].tolist() if 0 < i <= len(ids)]
 
     def _recent_items(self) -> RecentItems:
         """The recent-items baseline over the current counts and the whole item vocabulary (items
@@ -406,6 +417,8 @@ class Publisher:
         self.metrics.refresh_latency.observe(time.monotonic() - sent.pending_since)
         if sent.produced_ms >= 0:
             self.metrics.freshness.observe(max(0.0, time.time() - sent.produced_ms / 1000.0))
+        if self.hits is not None:
+            self.hits.published(sent.user, sent.items, sent.at)
         with self._cond:
             self.recommendations += 1
             self.popularity_fallbacks += sent.source == "popularity"

@@ -56,9 +56,11 @@ from consumers.serve.model_follower import ModelFollower
 from consumers.serve.model_publisher import PublishingModel
 from consumers.serve.offset_guard import OffsetGuard
 from consumers.serve.partition_state import PartitionStates
+from consumers.serve.published_hits import PublishedHits
 from consumers.serve.publisher import Publisher
 from consumers.serve.serving_model import ServingModel
 from consumers.serve.status import InstanceStatus, StatusReporter, instance_id, lag_by_key
+from consumers.serve.timeline import Timeline
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics, TelemetryServer
 from consumers.training.link import TrainerLink
@@ -159,8 +161,10 @@ class Service:
                             self.trainer.request_similarity)
                 if settings.drift.enabled and self.role != "ingest" else None
             )
+            # The published HR@K of the dashboard (no lists, no hit rate: the trainer role).
+            self.hits = PublishedHits(self.cfg.hit_users) if self.role != "trainer" else None
             self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals,
-                                       lists=self.role != "trainer")
+                                       lists=self.role != "trainer", hits=self.hits)
             self.stage = ApplyStage(settings, self.store, self.validator, self.dead_letters, self.metrics,
                                     self.publisher, self.serving, self.signals, self.trainer,
                                     self.store.stats()["events_applied"], self.report,
@@ -183,9 +187,12 @@ class Service:
             self.status = StatusReporter(self.producer, self.topics.status, settings.scale.status_every_s,
                                          self._status_snapshot)
             self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
+            self.timeline = Timeline(self.metrics, self.cfg.timeline_every_s, self.cfg.timeline_points,
+                                     self.topics.recommendations, self.hits)
             self.telemetry: TelemetryServer | None = None
             if self.cfg.metrics_port is not None:
-                self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port)
+                self.telemetry = TelemetryServer(self.metrics, self.health, self.cfg.metrics_host, self.cfg.metrics_port,
+                                                 timeline=self.timeline.to_json)
         except BaseException:
             if self.trainer is not None:
                 self.trainer.terminate(CLOSE_AFTER_FAILED_START_S)
@@ -284,6 +291,7 @@ class Service:
         started = time.monotonic()
         if self.telemetry:
             self.telemetry.start()
+        self.timeline.start()  # its own thread: the loop may stay long in one call (see timeline.py)
         self.publisher.start()
         try:
             if self.trainer.deterministic:
@@ -476,5 +484,6 @@ class Service:
             self.consumer.close()
             self.producer.close(timeout=CLOSE_TIMEOUT_S)
             self.store.close()
+            self.timeline.stop()
             if self.telemetry:
                 self.telemetry.stop()
