@@ -167,17 +167,39 @@ def plot_throughput(path: Path, timeline: list[dict[str, float]]) -> None:
     plt.close(fig)
 
 
+PLOT_FILES = {
+    "hit_rate": "hr_over_time.png",
+    "freshness": "freshness.png",
+    "alpha": "alpha.png",
+    "throughput": "throughput.png",
+}
+"""File name of each plot of a live run, inside its run folder."""
+
+
+def write_plots(folder: Path, metrics: dict[str, Any], freshness_ms: list[float]) -> dict[str, Path]:
+    """Write the four plots of a live run into `folder` and return their paths by `PLOT_FILES` key.
+
+    `metrics` holds `k`, `prequential` (its `by_window`), `test_then_train` (its `by_window`; may be
+    empty), `scheduled_drifts` (stream positions, events), `initial_alpha` (behaviour -> alpha),
+    `serve` (its `drift` rows and `events_applied`) and `timeline` (samples, seconds since start);
+    `freshness_ms` is each published recommendation's freshness in milliseconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {key: folder / name for key, name in PLOT_FILES.items()}
+    k = metrics["k"]
+    plot_hit_rate(paths["hit_rate"], metrics["prequential"], metrics["test_then_train"], k,
+                  metrics.get("scheduled_drifts", []))
+    plot_freshness(paths["freshness"], freshness_ms)
+    plot_alpha(paths["alpha"], metrics["initial_alpha"], metrics["serve"].get("drift", []),
+               metrics["serve"].get("events_applied", 0))
+    plot_throughput(paths["throughput"], metrics["timeline"])
+    return paths
+
+
 def write_report(folder: Path, metrics: dict[str, Any], freshness_ms: list[float]) -> Path:
     """Write metrics.json, the plots and report.md into `folder`; returns report.md."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    k = metrics["k"]
-    plot_hit_rate(folder / "hr_over_time.png", metrics["prequential"], metrics["test_then_train"], k,
-                  metrics.get("scheduled_drifts", []))
-    plot_freshness(folder / "freshness.png", freshness_ms)
-    plot_alpha(folder / "alpha.png", metrics["initial_alpha"], metrics["serve"].get("drift", []),
-               metrics["serve"].get("events_applied", 0))
-    plot_throughput(folder / "throughput.png", metrics["timeline"])
+    write_plots(folder, metrics, freshness_ms)
     path = folder / "report.md"
     path.write_text(format_stream_report(metrics))
     return path

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from consumers.cli.options import add_alias
 from consumers.evaluation.live import run_live
+from consumers.evaluation.stream_report import test_then_train_metrics, write_plots
 from consumers.settings import CasmSettings
 from stream.broker import free_port, kafka_cluster
 from stream.logs import LOG_FORMATS, read_log
@@ -43,11 +44,13 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         loaded = read_log(args.data, args.format)
         events, source = loaded.events.slice(0, count), f"{Path(args.data).name}"
         label = f"{loaded.path} ({args.format}), first {events.num_rows} events"
+        scheduled_drifts: list[int] = []
     else:
         synthetic = settings.synthetic.model_copy(update={"n_events": count})
         stream = generate(synthetic)
         events, source = stream.events, stream.source_name
         label = f"SYNTHETIC stream (seed {synthetic.seed}, {synthetic.n_users} users, {synthetic.n_items} items)"
+        scheduled_drifts = [d.at_event for d in synthetic.drifts if d.at_event < events.num_rows]
     pacing = parse_pacing(args.speed, None if args.max or args.speed else settings.live.demo_rate, args.max)
 
     # The demo keeps its state next to its report: the embedded broker forgets everything on stop.
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
     with kafka_cluster(settings.kafka, settings.broker) as bootstrap:
         settings.kafka.bootstrap_servers = bootstrap
         ensure_topics(bootstrap, settings.kafka, settings.topics)
-        print(f"casm demo: {label}\n  broker {bootstrap}, pace {pacing}, run folder {run_dir}", flush=True)
+        print(f"casm demo: {label}\n  broker {bootstrap}, pace {pacing}, run folder {run_dir}\n"
+              f"  dashboard {dashboard_url(settings)}", flush=True)
         result = run_live(settings, bootstrap, events, pacing, run_dir, source, progress=settings.progress)
     report = {
         "data": label,
@@ -74,14 +78,43 @@ def run(args: argparse.Namespace, settings: CasmSettings) -> int:
         "monitor": result.monitor,
         "timeline": result.timeline,
     }
+    k = settings.serve.top_k
+    plots = write_plots(run_dir, {
+        "k": k,
+        "prequential": result.prequential,
+        "test_then_train": test_then_train_metrics(result.scores, settings.behaviours.target, k,
+                                                   settings.live.window_events, result.positions),
+        "scheduled_drifts": scheduled_drifts,
+        "initial_alpha": {b: settings.behaviours.alpha_of(b) for b in settings.behaviours.names},
+        "serve": result.serve,
+        "timeline": result.timeline,
+    }, result.prequential_scorer.freshness_ms)
+    report["plots"] = {key: path.name for key, path in plots.items()}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    text = format_demo_report(report, settings.serve.top_k)
+    text = format_demo_report(report, k)
     (run_dir / "report.md").write_text(text)
     print(text)
+    print(f"plots in {run_dir}: {', '.join(path.name for path in plots.values())}")
     return 0 if result.drained and result.serve.get("events_applied") == events.num_rows else 1
 
 
+def dashboard_url(settings: CasmSettings) -> str:
+    """The live dashboard of the service this demo starts (`GET /` on its metrics server)."""
+    return f"http://{settings.serve.metrics_host}:{settings.serve.metrics_port}/"
+
+
+PLOT_CAPTIONS = {
+    "hit_rate": "HR@{k} over the stream, with the scheduled drifts",
+    "freshness": "freshness: event produced -> recommendation published (ms)",
+    "alpha": "alpha per behaviour, with the drift detections",
+    "throughput": "events/s produced and applied, consumer lag",
+}
+"""Caption of each plot (keys of `stream_report.PLOT_FILES`) in the demo's report.md."""
+
+
 def format_demo_report(report: dict, k: int) -> str:
+    """report.md of a demo run from its report.json dict: a short summary, then the plots
+    (`report["plots"]`: key -> file name in the run folder) as markdown image links."""
     pq, serve, monitor = report["prequential"], report["serve"], report["monitor"]
     freshness = [f"{label}: {n}" for label, n in pq.get("freshness_histogram", [])]
     lines = [
@@ -105,4 +138,10 @@ def format_demo_report(report: dict, k: int) -> str:
         f"- recommendations by model version: {monitor.get('model_versions', {})}",
         "",
     ]
+    plots = report.get("plots", {})
+    if plots:
+        lines += ["## Plots", ""]
+        for key, name in plots.items():
+            caption = PLOT_CAPTIONS.get(key, key).format(k=k)
+            lines += [f"![{caption}]({name})", ""]
     return "\n".join(lines)

@@ -1,19 +1,24 @@
 """The README's main job, `casm demo`, run as a user would (the console script, default
-settings, embedded broker) with a small event count."""
+settings, embedded broker) with a small event count: it prints the dashboard URL, reports, and
+writes the four plots of a live run beside report.md, which links them."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from consumers.evaluation.stream_report import PLOT_FILES
+
 pytestmark = pytest.mark.integration
 
 EVENTS = 4_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_casm_demo_completes_and_reports(tmp_path: Path) -> None:
@@ -39,4 +44,15 @@ def test_casm_demo_completes_and_reports(tmp_path: Path) -> None:
     pq = report["prequential"]
     assert pq["scored"] + pq["cold"] == pq["target_events"] > 0
     assert 0.0 < pq["ndcg@10"] <= pq["hr@10"]  # some buys hit; NDCG never exceeds HR at the same K
-    assert (runs[0] / "report.md").read_text().startswith("# casm demo report")
+    markdown = (runs[0] / "report.md").read_text()
+    assert markdown.startswith("# casm demo report")
+    dashboard = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("dashboard ")]
+    assert len(dashboard) == 1, result.stdout[:3000]
+    assert re.fullmatch(r"dashboard http://127\.0\.0\.1:[1-9][0-9]*/", dashboard[0]), dashboard
+    for name in PLOT_FILES.values():
+        plot = runs[0] / name
+        assert plot.stat().st_size > len(PNG_SIGNATURE), name
+        assert plot.read_bytes().startswith(PNG_SIGNATURE), name
+        assert f"]({name})" in markdown, name  # a markdown image link
+        assert name in result.stdout, name
+    assert set(report["plots"].values()) == set(PLOT_FILES.values())
