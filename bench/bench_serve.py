@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_serve.py ingest    --events 200000
     .venv/bin/python bench/bench_serve.py freshness --events 60000 --rate 2000
-    .venv/bin/python bench/bench_serve.py memory    --events 1000000
+    .venv/bin/python bench/bench_serve.py memory    --events 1000000 --sample-s 2
     .venv/bin/python bench/bench_serve.py refresh
 
 - ingest: the raw kafka-python consume rate of a topic (the ceiling) and, in the same run on the
@@ -11,7 +11,8 @@
   drift detection). Reports the ratio.
 - freshness: `casm serve` fed at a steady rate while it fine-tunes; the distribution of event
   produce time -> refreshed recommendation published.
-- memory: a long synthetic run; the serve process's RSS sampled along the way and its peak.
+- memory: a long synthetic run; the serve process's RSS sampled along the way and its peak, and
+  the size of the dashboard's /api/timeline answer (its history small enough to fill up early).
 - refresh: users per second the serving path scores (the publisher's cost per list), with the
   last-position shortcut of inference and with the full encoding, side by side.
 
@@ -25,6 +26,7 @@ import json
 import os
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -133,13 +135,17 @@ def bench_memory(args: argparse.Namespace) -> dict:
     with TemporaryDirectory() as tmp, EmbeddedBroker(BrokerConfig()) as broker:
         folder = Path(tmp)
         settings = settings_for(folder, broker.bootstrap)
+        # The dashboard's history fills up within the run, so that its bound shows (the default,
+        # 720 points of 5 s, fills in an hour).
+        settings.serve.timeline_points = args.timeline_points
+        settings.serve.timeline_every_s = args.timeline_every_s
         ensure_topics(broker.bootstrap, settings.kafka, settings.topics)
         events = generate(SyntheticConfig(n_events=args.events, seed=3, n_users=args.users)).events
         sender = threading.Thread(target=produce, args=(settings, broker.bootstrap, events), daemon=True)
         sender.start()
         serve = ServeProcess(settings, folder / "serve.log")
         process = psutil.Process(serve.process.pid)
-        samples: list[tuple[float, float, float]] = []  # (s, events applied, RSS MiB of serve + trainer)
+        samples: list[tuple[float, float, float, int]] = []  # (s, events applied, RSS MiB of serve + trainer, /api/timeline bytes)
         started, applied = time.perf_counter(), 0.0
         while applied < args.events and serve.process.poll() is None:
             time.sleep(args.sample_s)
@@ -148,7 +154,8 @@ def bench_memory(args: argparse.Namespace) -> dict:
             except psutil.Error:
                 break
             applied = serve.metrics().get("casm_events_applied_total", applied)
-            samples.append((round(time.perf_counter() - started, 1), applied, round(rss / 2**20, 1)))
+            samples.append((round(time.perf_counter() - started, 1), applied, round(rss / 2**20, 1),
+                            timeline_bytes(serve.metrics_url)))
         sender.join()
         serve.stop(300)
     quarter = max(1, len(samples) // 4)
@@ -161,7 +168,21 @@ def bench_memory(args: argparse.Namespace) -> dict:
         "rss_mib_last_quarter_max": max(s[2] for s in samples[-quarter:]) if samples else None,
         "samples_every_s": args.sample_s,
         "rss_by_events": [(int(s[1]), s[2]) for s in samples[:: max(1, len(samples) // 20)]],
+        "timeline_points": args.timeline_points,
+        "timeline_every_s": args.timeline_every_s,
+        "timeline_bytes_first_quarter_max": max(s[3] for s in samples[:quarter]) if samples else None,
+        "timeline_bytes_last_quarter_max": max(s[3] for s in samples[-quarter:]) if samples else None,
+        "timeline_bytes_by_events": [(int(s[1]), s[3]) for s in samples[:: max(1, len(samples) // 20)]],
     }
+
+
+def timeline_bytes(metrics_url: str) -> int:
+    """Size of the dashboard's /api/timeline answer (bytes; -1 when it does not answer)."""
+    try:
+        with urllib.request.urlopen(metrics_url + "/api/timeline", timeout=10) as answer:
+            return len(answer.read())
+    except OSError:
+        return -1
 
 
 def bench_refresh(args: argparse.Namespace) -> dict:
@@ -210,6 +231,9 @@ def main() -> None:
                         help="memory: users of the synthetic stream [20000]; refresh: users per scoring batch [256]")
     parser.add_argument("--seconds", type=float, default=5.0, help="refresh: seconds of each measurement")
     parser.add_argument("--sample-s", type=float, default=5.0, help="memory: RSS sampling period")
+    parser.add_argument("--timeline-points", type=int, default=20,
+                        help="memory: serve.timeline_points (small, so the dashboard history fills within the run)")
+    parser.add_argument("--timeline-every-s", type=float, default=0.5, help="memory: serve.timeline_every_s")
     parser.add_argument("--no-signals", action="store_true",
                         help="ingest: without test-then-train ranking and drift detection (drift.enabled=false)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
