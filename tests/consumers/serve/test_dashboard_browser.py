@@ -28,6 +28,7 @@ from stream.replay import parse_pacing, replay
 from stream.synthetic import SyntheticConfig, generate
 from stream.topics import ensure_topics
 from tests.consumers.serve.test_dashboard_http import CHARTS
+from tests.consumers.serve.test_service import service_settings
 
 pytestmark = pytest.mark.integration
 
@@ -61,24 +62,10 @@ def chromium() -> str:
 
 
 def live_settings(tmp_path: Path, kafka_config, topic_names) -> CasmSettings:
-    return CasmSettings(
-        kafka=kafka_config,
-        topics=topic_names,
-        store={"path": tmp_path / "state.duckdb", "sequence_length": 11},
-        model={"hidden_dim": 16, "context_dim": 8, "ffn_dim": 16, "max_len": 10, "dropout": 0.0},
-        train={"batch_size": 32, "learning_rate": 0.01, "seed": 0},
-        serve={
-            "checkpoint_dir": tmp_path / "checkpoints",
-            "metrics_port": 0,
-            "timeline_every_s": SAMPLE_EVERY_S,
-            "training": "continuous",
-            "min_events_to_train": 100,
-            "feed_every_s": 0.5,
-            "publish_every_s": 1.0,
-            "refresh_max_delay_ms": 50,
-        },
-        progress=False,
-    )
+    """The service tests' settings, training continuously with a fast timeline and an HTTP port."""
+    return service_settings(tmp_path, kafka_config, topic_names, metrics_port=0, timeline_every_s=SAMPLE_EVERY_S,
+                            training="continuous", min_events_to_train=100, feed_every_s=0.5, publish_every_s=1.0,
+                            refresh_max_delay_ms=50)
 
 
 def dashboard_ready(data: dict) -> list[str]:
