@@ -94,11 +94,11 @@ class ApplyResult:
         new_behaviours: behaviour names added (open vocabulary only).
         offsets: stored next offset of every (topic, partition) of the batch or of `offsets`.
         batch_seq: number of this apply in the store; None when nothing was written.
+        rows: int64 [k], positions of the input rows that were applied (not redeliveries or
+            duplicates), increasing.
 
     Filled only when `apply` was asked with `before_width=L` (else None), all aligned with the
     input rows (n of them), so a caller need not read the store again for this batch:
-        rows: int64 [k], positions of the input rows that were applied (not redeliveries or
-            duplicates), increasing.
         user_ids: the batch's distinct users (all rows), in order of first appearance, [u].
         user_codes: int64 [n], each input row's position in `user_ids`.
         before_items, before_behaviours: int64 [u, L], the users' stored windows *before* this
@@ -115,7 +115,7 @@ class ApplyResult:
     new_behaviours: list[str]
     offsets: dict[tuple[str, int], int]
     batch_seq: int | None
-    rows: np.ndarray | None = None
+    rows: np.ndarray
     user_ids: list[str] | None = None
     user_codes: np.ndarray | None = None
     before_items: np.ndarray | None = None
@@ -678,7 +678,7 @@ class EventStore:
                 item_idx[chosen.rows] = encoded.item_idx
                 behaviour_idx[chosen.rows] = encoded.behaviour_idx
             details = {
-                "rows": chosen.rows, "user_ids": before.user_ids, "user_codes": before.user_codes,
+                "user_ids": before.user_ids, "user_codes": before.user_codes,
                 "before_items": before.items, "before_behaviours": before.behaviours,
                 "item_idx": item_idx, "behaviour_idx": behaviour_idx,
             }
@@ -691,6 +691,7 @@ class EventStore:
             new_behaviours=list(encoded.new_behaviours) if encoded is not None else [],
             offsets=new_offsets,
             batch_seq=batch_seq,
+            rows=chosen.rows,
             **details,
         )
 

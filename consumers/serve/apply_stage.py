@@ -300,8 +300,7 @@ class ApplyStage:
         hits = getattr(self.publisher, "hits", None)  # (stand-in publishers of tests have none)
         if hits is None or events.num_rows == 0 or result.applied == 0:
             return
-        if result.rows is not None:  # the applied rows (redeliveries and duplicates left out)
-            events = events.take(pa.array(result.rows))
+        events = events.take(pa.array(result.rows))  # the applied rows (redeliveries and duplicates left out)
         target = events.filter(pc.equal(events.column("behavior"), self.settings.behaviours.target))
         if target.num_rows:
             hits.observe(target.column("user_id").to_pylist(), target.column("item_id").to_pylist())

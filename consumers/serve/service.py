@@ -173,7 +173,7 @@ class Service:
                                     check_conflicts=self.role != "trainer")
             self.partition_states = (PartitionStates(settings, bootstrap, self.store, self.publisher, self.metrics)
                                      if self.role == "ingest" else None)
-            self._changelog = ChangelogDecoder()  # trainer role: reset at every assignment
+            self._changelog = ChangelogDecoder()  # trainer role: reset at every assignment and rewind
             if self.role != "trainer":
                 self._requeue_unpublished()
             # The trainer reads the changelog in a group of its own; auto_offset_reset='none': the
@@ -231,7 +231,8 @@ class Service:
         self._on_revoke(partitions)  # (also at the first assignment: the queue is empty then)
         if self.partition_states is not None:
             self.partition_states.assigned([tp.partition for tp in partitions])
-        self._changelog = ChangelogDecoder(self.store.all_offsets())
+        if self.role == "trainer":
+            self._changelog = ChangelogDecoder(self.store.all_offsets())
         stored = {}
         for tp in partitions:
             offset = self.store.offsets(tp.topic).get(tp.partition)
@@ -376,7 +377,8 @@ class Service:
                 self.consumer.seek(tp, stored[tp.partition])
             else:
                 self.consumer.seek_to_beginning(tp)
-        self._changelog = ChangelogDecoder(self.store.all_offsets())
+        if self.role == "trainer":
+            self._changelog = ChangelogDecoder(self.store.all_offsets())
         self._held = []
         self._generation += 1
         self.stage.rewound()

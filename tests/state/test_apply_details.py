@@ -81,6 +81,7 @@ def test_details_of_a_batch_with_nothing_to_apply() -> None:
 def test_details_only_when_asked() -> None:
     with open_store() as store:
         result = store.apply(simple(["a"], ["x"]))
-        assert result.rows is None and result.before_items is None and result.item_idx is None
+        assert result.rows.tolist() == [0]  # always: which rows were applied
+        assert result.before_items is None and result.item_idx is None
         with pytest.raises(ValueError):
             store.apply(simple(["a"], ["x"], start=1), before_width=0)
