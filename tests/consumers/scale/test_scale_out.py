@@ -34,10 +34,11 @@ EVENTS = 50_000
 PARTITIONS = 6
 MODEL_SWAP_S = 10.0  # the stated time: a published version is served everywhere within this
 SETTLE_TIMEOUT_S = 300.0
-# The last 60 % of the log in two paced parts: the kill in the first (15 s), the join in the
-# second (30 s: a process starts and joins the group in about 10 s on our machines).
+# The last 60 % of the log: 30 % paced with the kill in it (15 s), 20 % paced while the fourth
+# instance starts and joins, and the last 10 % only once it holds partitions, so that it joins
+# mid-run whatever the machine's speed.
 KILL_PART_RATE = "1000/s"
-JOIN_PART_RATE = "500/s"
+JOIN_PART_RATE = "1000/s"
 
 
 def env_for(bootstrap: str, settings: CasmSettings, tmp: Path, name: str, role: str, group: str,
@@ -163,13 +164,14 @@ def test_three_ingest_instances_and_a_trainer_equal_one_instance(kafka_bootstrap
         survivors = {"ingest-1", "ingest-3"}
         wait_for(lambda f: covered(f, survivors), "the killed instance's partitions taken over")
         first.join(timeout=120)
-        second = threading.Thread(target=produce, args=(int(EVENTS * 0.7), EVENTS, JOIN_PART_RATE), daemon=True)
+        second = threading.Thread(target=produce, args=(int(EVENTS * 0.7), int(EVENTS * 0.9), JOIN_PART_RATE),
+                                  daemon=True)
         second.start()
         processes["ingest-4"] = start(env("ingest-4", "ingest"))  # a fourth joins mid-run
         survivors |= {"ingest-4"}
         wait_for(lambda f: covered(f, survivors), "the fourth instance taking partitions")
-        joined_mid_run = second.is_alive()
         second.join(timeout=120)
+        produce(int(EVENTS * 0.9), EVENTS)  # the rest of the log after the join
 
         def settled(found: dict) -> bool:
             trainer = found.get("trainer")
@@ -227,7 +229,6 @@ def test_three_ingest_instances_and_a_trainer_equal_one_instance(kafka_bootstrap
             if value.get("event_offset") is not None:
                 newest[value["user_id"]] = max(newest.get(value["user_id"], -1), int(value["event_offset"]))
         assert {u: newest.get(u) for u in reference["sequences"]} == {u: s[2] for u, s in reference["sequences"].items()}
-        assert joined_mid_run, "the log was replayed before the fourth instance joined: slow the rate"
     finally:  # never leave an instance behind (a failed check must not keep it reconnecting)
         for process in processes.values():
             if process.poll() is None:
