@@ -147,7 +147,7 @@ def bench_restore(args: argparse.Namespace) -> dict:
             written_at = time.perf_counter()
             for start in range(0, n, args.batch):
                 chunk = decoded.slice(start, args.batch)
-                writer.write(chunk, {(topics.behaviours, 0): start + chunk.num_rows})
+                writer.write(chunk, {(topics.behaviours, 0): start + chunk.num_rows}, {0: start})
             write_s = time.perf_counter() - written_at
             producer.close(10)
             changelog_bytes = sum(len(r.value) for r in read_topic(settings.kafka, broker.bootstrap, topics.changelog,

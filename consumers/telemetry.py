@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -126,6 +128,9 @@ class ServiceMetrics:
             registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.released_partitions = Counter(
             "casm_released_partitions", "Partitions whose state was released after they moved away", registry=r)
+        self.changelog_gaps = Counter(
+            "casm_changelog_gaps", "Partitions restored from the changelog's start because the file was not a prefix "
+            "of their changelog (a zombie's commit)", registry=r)
         self.model_publish_lag = Gauge(
             "casm_model_load_lag_seconds", "Seconds from a version's publication to its swap here", registry=r)
         self._window_s = rate_window_s
@@ -185,9 +190,28 @@ class _DeliveryCollector:
                                   "not deliver", value=self.rebuilds())
 
 
+def timeline_since(query: str) -> float | None:
+    """The ``since`` (unix s) of an /api/timeline query string, None when absent.
+
+    Raises:
+        ValueError: ``since`` given but not one finite number.
+    """
+    values = parse_qs(query, keep_blank_values=True).get("since")
+    if values is None:
+        return None
+    try:
+        since = float(values[-1]) if len(values) == 1 else math.nan
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise ValueError(f"since must be one finite number of unix seconds, not {values}")
+    return since
+
+
 class TelemetryServer:
     """HTTP server on its own thread: /metrics, /healthz, /api/timeline and the dashboard (/).
-    `timeline` returns the history as plain JSON values (the service's `Timeline.to_json`)."""
+    `timeline(since)` returns the history (after unix s `since`, all of it for None) as plain
+    JSON values (the service's `Timeline.to_json`)."""
 
     def __init__(
         self,
@@ -195,21 +219,27 @@ class TelemetryServer:
         health: Callable[[], tuple[bool, dict[str, Any]]],
         host: str,
         port: int,
-        timeline: Callable[[], dict[str, Any]] | None = None,
+        timeline: Callable[[float | None], dict[str, Any]] | None = None,
     ) -> None:
         metrics_ref, health_ref, timeline_ref = metrics, health, timeline
         page = DASHBOARD_PAGE.read_bytes()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                path = self.path.split("?", 1)[0]
+                path, _, query = self.path.partition("?")
                 if path.startswith("/metrics"):
                     body, status, ctype = metrics_ref.render(), 200, CONTENT_TYPE_LATEST
                 elif path.startswith("/healthz"):
                     ok, details = health_ref()
                     body, status, ctype = json.dumps(details).encode(), 200 if ok else 503, JSON_TYPE
                 elif path == "/api/timeline" and timeline_ref is not None:
-                    body, status, ctype = json.dumps(timeline_ref(), separators=(",", ":")).encode(), 200, JSON_TYPE
+                    try:
+                        since = timeline_since(query)
+                    except ValueError as exc:
+                        body, status, ctype = json.dumps({"error": str(exc)}).encode(), 400, JSON_TYPE
+                    else:
+                        body = json.dumps(timeline_ref(since), separators=(",", ":")).encode()
+                        status, ctype = 200, JSON_TYPE
                 elif path in ("/", "/index.html"):
                     body, status, ctype = page, 200, HTML_TYPE
                 else:

@@ -12,7 +12,8 @@ Record layout (one format, versioned by the header ``casm.changelog``):
 
 * key: the source partition as text; partition: the source partition;
 * headers: ``casm.changelog`` (format version), ``source.topic``, ``source.partition``,
-  ``source.next_offset``;
+  ``source.first_offset`` (the input offset the writer's state had reached before the record:
+  the previous record's next offset), ``source.next_offset``;
 * value: an Arrow IPC stream (zstd-compressed) of the events' columns ``user_id, item_id,
   behavior, timestamp, event_id, offset, produced_ms`` (topic and partition are the headers').
 
@@ -20,6 +21,14 @@ A record can be written twice (a retry after a lost acknowledgement, a fenced-ou
 had not noticed yet); the reader drops every row at or below an offset it has seen, so a
 duplicate never reaches the store twice. Within a partition records must be sent one after the
 other (`rounds`): a retried record must not overtake the next one.
+
+The records of a partition form a chain: each continues from a state the records before it
+reached (``source.first_offset`` at most the reader's next offset). A record that starts past
+the reader's state (`ChangelogGap`) means the reader's state is not the changelog's: a zombie
+(an instance paused past its session timeout) committed its own record on top of a state that
+lacked what the partition's new owner had written meanwhile, or the records were deleted by
+retention. The ingest role then restores that partition from the changelog's start; the trainer
+stops with the error.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from stream.decode import DECODED_SCHEMA
 
-FORMAT_VERSION = b"1"
+FORMAT_VERSION = b"2"
 FORMAT_HEADER = "casm.changelog"
 #: Columns a record's value holds (the rest of `DECODED_SCHEMA` is in its headers).
 VALUE_SCHEMA = pa.schema([f for f in DECODED_SCHEMA if f.name not in ("topic", "partition")])
@@ -47,6 +56,18 @@ RESTORE_POLL_MS = 50
 
 class ChangelogError(ValueError):
     """A changelog record that this version cannot read (our own topic: never a dead letter)."""
+
+
+class ChangelogGap(ChangelogError):
+    """A record that does not continue the reader's state (see the module docstring)."""
+
+    def __init__(self, record: object, source: tuple[str, int], first: int, seen: int) -> None:
+        self.source, self.first, self.seen = source, first, seen
+        super().__init__(
+            f"{record.topic}[{record.partition}]@{record.offset} continues {source[0]}[{source[1]}] from input "
+            f"offset {first}, but the state read so far ends at {seen}: records between are missing (deleted "
+            f"by retention, or a paused instance committed past a partition's new owner)"
+        )
 
 
 @dataclass(frozen=True)
@@ -61,7 +82,8 @@ class ChangelogRecord:
 
 
 def encode_batch(
-    events: pa.Table, next_offsets: Mapping[tuple[str, int], int], max_events: int
+    events: pa.Table, next_offsets: Mapping[tuple[str, int], int], first_offsets: Mapping[tuple[str, int], int],
+    max_events: int,
 ) -> list[list[ChangelogRecord]]:
     """The changelog records of one applied batch, in rounds: round r holds the r-th record of
     every partition that has one (send a round, wait for its acknowledgements, then the next).
@@ -70,6 +92,8 @@ def encode_batch(
         events: the batch's valid events (`DECODED_SCHEMA`), in arrival order.
         next_offsets: next input offset per (topic, partition) after the batch; every partition
             named gets at least one record, with or without events.
+        first_offsets: the writer's next input offset per (topic, partition) before the batch
+            (its store's; 0 where absent).
         max_events: events per record at most.
     """
     if max_events < 1:
@@ -85,6 +109,7 @@ def encode_batch(
         rows = np.flatnonzero(partition_col == partition)
         chunks = [rows[i:i + max_events] for i in range(0, rows.size, max_events)] or [rows]
         offsets = events.column("offset").to_numpy()
+        record_first = int(first_offsets.get((topic, partition), 0))
         for r, chunk in enumerate(chunks):
             # A record's next offset: past its own rows, the batch's only for the last one (a
             # reader must not skip the rows of the records after it).
@@ -97,10 +122,12 @@ def encode_batch(
                     (FORMAT_HEADER, FORMAT_VERSION),
                     ("source.topic", topic.encode()),
                     ("source.partition", str(partition).encode()),
+                    ("source.first_offset", str(record_first).encode()),
                     ("source.next_offset", str(record_next).encode()),
                 ],
                 events=int(chunk.size),
             )
+            record_first = record_next
             if len(rounds) <= r:
                 rounds.append([])
             rounds[r].append(record)
@@ -133,7 +160,8 @@ class DecodedChangelog:
 
 class ChangelogDecoder:
     """Decodes changelog records, dropping every row at or below an offset already seen of its
-    source partition (duplicate records); `seen` starts at the store's next offsets."""
+    source partition (duplicate records) and refusing a record that does not continue what was
+    seen (`ChangelogGap`); `seen` starts at the store's next offsets."""
 
     def __init__(self, stored: Mapping[tuple[str, int], int] | None = None) -> None:
         self._next: dict[tuple[str, int], int] = dict(stored or {})
@@ -142,6 +170,8 @@ class ChangelogDecoder:
         """`records`: kafka-python ConsumerRecords of the changelog, each partition's in offset order.
 
         Raises:
+            ChangelogGap: a record starts past the state read so far (this decoder is spent:
+                the state it was given is not a prefix of the changelog).
             ChangelogError: a record without the changelog headers, of another format version,
                 or whose value is not the expected Arrow stream.
         """
@@ -156,12 +186,15 @@ class ChangelogDecoder:
                 )
             try:
                 source = (headers["source.topic"].decode(), int(headers["source.partition"]))
+                first = int(headers["source.first_offset"])
                 next_offset = int(headers["source.next_offset"])
                 with pa.ipc.open_stream(record.value) as reader:
                     table = reader.read_all()
             except (KeyError, ValueError, pa.ArrowInvalid) as exc:
                 raise ChangelogError(f"{record.topic}[{record.partition}]@{record.offset}: {exc}") from exc
             seen = self._next.get(source, 0)
+            if first > seen:
+                raise ChangelogGap(record, source, first, seen)
             if table.num_rows:
                 fresh = np.flatnonzero(table.column("offset").to_numpy() >= seen)
                 if fresh.size < table.num_rows:

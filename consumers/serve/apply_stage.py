@@ -261,17 +261,16 @@ class ApplyStage:
         """Dead letters, conflicts, signals, apply and hand-off of one (merged) batch."""
         started = time.perf_counter()
         events, conflicts = batch.events, []
+        stored = self.store.offsets(self.settings.topics.behaviours) if self.check_conflicts or self.changelog is not None else {}
         if self.check_conflicts:
-            events, conflicts = split_conflicts(batch.events, self.store,
-                                                self.store.offsets(self.settings.topics.behaviours),
-                                                batch.records, self.validator)
+            events, conflicts = split_conflicts(batch.events, self.store, stored, batch.records, self.validator)
         if not self._deliver_dead_letters(batch.dead + conflicts, batch):
             return  # held back: read again, nothing applied
         if conflicts:
             self.metrics.conflicting_duplicates.inc(len(conflicts))
         offsets = batch.offsets
         if self.changelog is not None:
-            written = self.changelog.write(events, offsets)
+            written = self.changelog.write(events, offsets, stored)
             if written is None:
                 self._hold_back(batch, f"the changelog {self.settings.topics.changelog} does not acknowledge: a batch "
                                 f"of {len(batch.records)} records is held back and read again")

@@ -28,13 +28,22 @@ class ChangelogWriter:
         self.producer = producer
         self.metrics = metrics
 
-    def write(self, events: pa.Table, offsets: Mapping[tuple[str, int], int]) -> dict[tuple[str, int], int] | None:
+    def write(self, events: pa.Table, offsets: Mapping[tuple[str, int], int],
+              stored: Mapping[int, int]) -> dict[tuple[str, int], int] | None:
         """Produce the batch's records and wait for every acknowledgement; returns the changelog's
         next offset per partition written ((changelog topic, p) -> offset), None when a record
-        was not acknowledged within ``kafka.request_timeout_ms`` (the batch must not be committed)."""
+        was not acknowledged within ``kafka.request_timeout_ms`` (the batch must not be committed).
+
+        Args:
+            events: the batch's valid events (`stream.decode.DECODED_SCHEMA`).
+            offsets: next offset per (topic, partition) after the batch.
+            stored: the store's next input offset per partition before the batch (where the
+                records continue from).
+        """
         written: dict[tuple[str, int], int] = {}
         source_offsets = {key: value for key, value in offsets.items() if key[0] == self.source}
-        for records in encode_batch(events, source_offsets, self.max_events):
+        first_offsets = {(self.source, p): o for p, o in stored.items()}
+        for records in encode_batch(events, source_offsets, first_offsets, self.max_events):
             outcomes = [self.producer.send(self.topic, key=r.key, value=r.value, partition=r.partition, headers=r.headers)
                         for r in records]
             if not wait_all(outcomes, self.timeout_s):

@@ -12,6 +12,9 @@ assigned; the revocation has already applied and committed the batches in hand, 
    the changelog's high watermark the local file is current and nothing is read, else the
    records from there on are applied, through the store's exactly-once rules (a partition's
    records carry its input offsets, so what the file holds already is dropped as a redelivery);
+   A file that is not a prefix of its partition's changelog (a zombie's commit: see
+   `stream.changelog`) is detected by the records' chain, and that partition is released and
+   restored from the changelog's start;
 3. the users restored are queued for a refresh: their newest events may have no published list
    (the previous owner may have died between its commit and its publication).
 
@@ -30,7 +33,7 @@ from consumers.serve.publisher import Publisher
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics
 from state.store import StateStore
-from stream.changelog import ChangelogDecoder, read_partitions
+from stream.changelog import ChangelogDecoder, ChangelogGap, read_partitions
 from stream.clients import make_consumer
 
 log = logging.getLogger(__name__)
@@ -100,21 +103,52 @@ class PartitionStates:
 
     def _restore(self, partitions: list[int]) -> tuple[dict[int, int], set[str]]:
         """Apply each partition's changelog from the store's changelog offset to its end; returns
-        the events applied per partition and the users they touched."""
-        changelog = self.store.offsets(self.changelog)
-        stored = self.store.offsets(self.source)
+        the events applied per partition and the users they touched. A partition whose file is
+        not a prefix of its changelog (`ChangelogGap`: this instance committed a batch as a
+        zombie, past what the partition's owner meanwhile wrote) is released and restored from
+        the changelog's start.
+
+        Raises:
+            ChangelogGap: the changelog itself lacks records (deleted by its retention).
+        """
+        applied, users, gaps = self._read(partitions, self.store.offsets(self.changelog), self.store.offsets(self.source))
+        if gaps:
+            for partition, gap in sorted(gaps.items()):
+                log.warning("partition %d: the file is not a prefix of its changelog (%s); restoring it from the "
+                            "changelog's start", partition, gap)
+            self.store.release([(topic, p) for p in gaps for topic in (self.source, self.changelog)])
+            self.metrics.changelog_gaps.inc(len(gaps))
+            again, more_users, still = self._read(sorted(gaps), {}, {})
+            if still:
+                raise next(iter(still.values()))
+            applied.update(again)
+            users |= more_users
+        return applied, users
+
+    def _read(self, partitions: list[int], changelog: dict[int, int], stored: dict[int, int],
+              ) -> tuple[dict[int, int], set[str], dict[int, ChangelogGap]]:
+        """One read of `partitions`' changelog from `changelog` (partition -> offset; 0 where
+        absent) to its end, applied on top of the `stored` input offsets: events applied per
+        partition, users touched, and the partitions left at a gap (nothing applied after it)."""
         decoders = {p: ChangelogDecoder({(self.source, p): stored.get(p, 0)}) for p in partitions}
         applied = dict.fromkeys(partitions, 0)
         users: set[str] = set()
+        gaps: dict[int, ChangelogGap] = {}
         for partition, records in read_partitions(self._reader(), self.changelog,
                                                   {p: changelog.get(p, 0) for p in partitions},
                                                   self.settings.scale.restore_timeout_s,
                                                   self.settings.kafka.max_poll_records):
-            decoded = decoders[partition].decode(records)
+            if partition in gaps:
+                continue
+            try:
+                decoded = decoders[partition].decode(records)
+            except ChangelogGap as gap:
+                gaps[partition] = gap
+                continue
             result = self.store.apply(decoded.events, decoded.offsets)
             applied[partition] += result.applied
             users.update(result.touched_users)
-        return applied, users
+        return applied, users, gaps
 
     def _reader(self) -> KafkaConsumer:
         if self._consumer is None:
