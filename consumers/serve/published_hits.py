@@ -1,13 +1,15 @@
 """The published HR@K of `casm serve`: whether the lists this service published were hit by the
-users' later target events, beside the same rate of the current most-popular top-K.
+users' later target events, beside the same rate of the lists a popularity recommender would
+have published at the same moments.
 
-The publisher records each user's newest *acknowledged* list (`published`, producer I/O thread);
-the apply stage asks, for every applied target-behaviour event, whether its item is in that
-user's last list (`observe`, apply thread): a hit or a miss. Users with no list yet are "cold"
-and not counted. For the same counted events it also checks the most-popular top-K
-(`set_popular`, refreshed whenever the publisher recounts popularity), so the dashboard shows
-popularity's hit rate beside the service's. Memory is bounded: at most `max_users` lists (the
-least recently published dropped first) and one top-K set. One lock: every method may be called
+The publisher records each user's newest *acknowledged* list (`published`, producer I/O thread)
+together with the popularity list it ranked for the same user at the same moment, with the same
+exclusions (`serve.exclude_behaviours`): the baseline served the way the model is, refreshed when
+the model's list is. The apply stage asks, for every applied target-behaviour event, whether its
+item is in that user's last list (`observe`, apply thread): a hit or a miss, and whether it is in
+the popularity list beside it. Users with no list yet are "cold" and not counted. Memory is
+bounded: at most `max_users` users (the least recently published dropped first), two lists each
+(popularity lists equal to the previous one share its set). One lock: every method may be called
 from any thread.
 """
 
@@ -26,7 +28,7 @@ class HitTotals:
     hits: int = 0  # the event's item was in the user's last published list
     misses: int = 0  # it was not
     cold: int = 0  # the user had no published list yet (not counted in the rate)
-    popular_hits: int = 0  # of hits + misses, the item was in the most-popular top-K at that moment
+    popular_hits: int = 0  # of hits + misses, the item was in the user's popularity list
 
     @property
     def counted(self) -> int:
@@ -42,27 +44,27 @@ class PublishedHits:
             raise ValueError(f"max_users must be >= 1, not {max_users}")
         self.max_users = max_users
         self._lock = threading.Lock()
-        self._lists: OrderedDict[str, tuple[float, frozenset[str]]] = OrderedDict()  # user -> (at, items)
-        self._popular: frozenset[str] = frozenset()
+        # user -> (at, items, popularity's items)
+        self._lists: OrderedDict[str, tuple[float, frozenset[str], frozenset[str]]] = OrderedDict()
+        self._popular: frozenset[str] = frozenset()  # the last popularity list (shared while it repeats)
         self._hits = self._misses = self._cold = self._popular_hits = 0
 
-    def published(self, user: str, items: Sequence[str], at: float) -> None:
-        """`user`'s list of `items`, generated at unix time `at` (s), was acknowledged. A list
-        acknowledged after a newer one of the same user is ignored."""
+    def published(self, user: str, items: Sequence[str], at: float, popular: Iterable[str] = ()) -> None:
+        """`user`'s list of `items`, generated at unix time `at` (s), was acknowledged; `popular`:
+        the popularity list ranked for the same user at the same moment. A list acknowledged
+        after a newer one of the same user is ignored."""
+        popular = frozenset(popular)
         with self._lock:
             known = self._lists.get(user)
             if known is not None and known[0] > at:
                 return
-            self._lists[user] = (at, frozenset(items))
+            if popular == self._popular:
+                popular = self._popular
+            self._popular = popular
+            self._lists[user] = (at, frozenset(items), popular)
             self._lists.move_to_end(user)
             while len(self._lists) > self.max_users:
                 self._lists.popitem(last=False)
-
-    def set_popular(self, items: Iterable[str]) -> None:
-        """The current most-popular top-K item ids."""
-        popular = frozenset(items)
-        with self._lock:
-            self._popular = popular
 
     def observe(self, users: Sequence[str], items: Sequence[str]) -> None:
         """Target events, aligned `users` and `items`, applied now (before the lists they cause)."""
@@ -76,7 +78,7 @@ class PublishedHits:
                     self._hits += 1
                 else:
                     self._misses += 1
-                self._popular_hits += item in self._popular
+                self._popular_hits += item in known[2]
 
     def totals(self) -> HitTotals:
         """The counts so far (a consistent copy)."""

@@ -81,6 +81,7 @@ class _Sent:
     source: str
     pending_since: float  # monotonic time the user became pending
     produced_ms: int  # Kafka timestamp of that event (ms), -1 if unknown
+    popular: list[str]  # the popularity list of the same user at the same moment (published HR; [] without)
 
 
 class Publisher:
@@ -105,7 +106,7 @@ class Publisher:
         self.metrics = metrics
         self.signals = signals
         self.lists = lists
-        self.hits = hits  # the published HR@K: acknowledged lists and the popular top-K go there
+        self.hits = hits  # the published HR@K: acknowledged lists, and popularity's beside them, go there
         self._cond = threading.Condition()
         self._pending: OrderedDict[str, float] = OrderedDict()  # user -> when it became pending
         self._jobs: deque[SignalJob] = deque()
@@ -317,15 +318,7 @@ class Publisher:
             self._counts = self.store.item_popularity(self.cfg.popularity_behaviours or None)
             self._popular, self._recent = PopularItems(self._counts), None
             self._popular_at = now
-            if self.hits is not None:
-                self.hits.set_popular(self._popular_ids(self._popular))
         return self._popular
-
-    def _popular_ids(self, popular: PopularItems) -> list[str]:
-        """The item ids of the shared most-popular top-K (no user's exclusions)."""
-        ids = self._item_vocabulary()
-        best = popular.top_k(np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64), self.cfg.top_k)[1]
-        return [ids[i - 1] for i in best[0].tolist() if 0 < i <= len(ids)]
 
     def _recent_items(self) -> RecentItems:
         """The recent-items baseline over the current counts and the whole item vocabulary (items
@@ -360,10 +353,11 @@ class Publisher:
         return self._item_space
 
     def _lists(self, items: np.ndarray, behaviours: np.ndarray, lengths: np.ndarray, scorer: Scorer | None,
-               space: ItemSpace | None) -> dict[int, tuple[RankedList, str]]:
+               space: ItemSpace | None) -> tuple[dict[int, tuple[RankedList, str]], dict[int, RankedList]]:
         """Each row's list and source: rows with history by the recommender (`scorer` is the
         model's, None before its first version), the others by popularity; the same exclusions
-        for all. `items` are in the scorer's index space (`space`, else the store's)."""
+        for all. `items` are in the scorer's index space (`space`, else the store's). Beside
+        them, for the published HR (`hits`), each row's popularity list (empty without `hits`)."""
         popular = self._popularity()  # first: the recent-items baseline uses its counts
         if space is not None:
             if self._space_popular is None or self._space_popular[0] is not popular or self._space_popular[2] != len(space.ids):
@@ -382,14 +376,23 @@ class Publisher:
             ranked = ranked_lists(by, items[rows], behaviours[rows], self.cfg.top_k,
                                   None if exclude is None else exclude[rows])
             lists.update(zip(rows.tolist(), ((r, label) for r in ranked), strict=True))
-        return lists
+        popular_lists: dict[int, RankedList] = {}
+        if self.hits is not None:
+            by_popularity = [row for row, (_, label) in lists.items() if label == "popularity"]
+            popular_lists = {row: lists[row][0] for row in by_popularity}
+            rows = np.setdiff1d(np.arange(items.shape[0]), by_popularity)
+            if rows.size:
+                ranked = ranked_lists(popular, items[rows], behaviours[rows], self.cfg.top_k,
+                                      None if exclude is None else exclude[rows])
+                popular_lists.update(zip(rows.tolist(), ranked, strict=True))
+        return lists, popular_lists
 
     def _publish(self, users: list[str], pending_since: list[float]) -> None:
         version, scorer, model_items = self.serving.snapshot  # one consistent (version, model) pair
         sequences = self.store.sequences(users, width=self.settings.model.max_len)
         space = self._space(model_items, version)
         items = sequences.items if space is None else space.items(sequences.items)
-        lists = self._lists(items, sequences.behaviours, sequences.lengths, scorer, space)
+        lists, popular_lists = self._lists(items, sequences.behaviours, sequences.lengths, scorer, space)
         ids = self._item_vocabulary() if space is None else space.ids
         now_wall = time.time()
         send, topic = self.producer.send, self.settings.topics.recommendations
@@ -399,8 +402,9 @@ class Publisher:
             scores = best_scores.tolist()
             known = bool(sequences.lengths[row] > 0)
             produced_ms = int(sequences.last_produced_ms[row])
+            popular = [ids[i - 1] for i in popular_lists[row][0].tolist()] if popular_lists else []
             sent = _Sent(user, items, version, now_wall, int(sequences.last_offset[row]), source,
-                         pending_since[row], produced_ms)
+                         pending_since[row], produced_ms, popular)
             send(topic, key=user.encode(), value=recommendation_json(
                 user, items, scores, str(version), now_wall,
                 event_time=float(sequences.last_timestamp[row]) if known else None,
@@ -418,7 +422,7 @@ class Publisher:
         if sent.produced_ms >= 0:
             self.metrics.freshness.observe(max(0.0, time.time() - sent.produced_ms / 1000.0))
         if self.hits is not None:
-            self.hits.published(sent.user, sent.items, sent.at)
+            self.hits.published(sent.user, sent.items, sent.at, sent.popular)
         with self._cond:
             self.recommendations += 1
             self.popularity_fallbacks += sent.source == "popularity"

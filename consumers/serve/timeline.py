@@ -12,12 +12,15 @@ Why a thread of its own rather than the polling loop: the loop can stay in one c
 should keep its period whatever the loop does; the sampler reads only thread-safe values
 (prometheus_client's metrics, the tracker under its lock, the producer's counts).
 
-`to_json()` (served as ``GET /api/timeline``) returns::
+`to_json()` (served as ``GET /api/timeline``; ``GET /api/timeline?since=T`` returns only the
+points and drifts after unix time T, so that a client polling faster than the samples come
+fetches each point once: pass the previous answer's ``now``) returns::
 
     {
       "every_s": 5.0,               # sampling period (s)
       "points": 720,                # samples kept per series at most
       "now": 1720000000.0,          # unix s of the newest sample (null before the first)
+      "since": null,                # the request's T (null: the whole history)
       "series": {                   # each a list of [t (unix s), value or null], oldest first
         "events_per_s": [...],              # events applied per second over the interval
         "freshness_p50_s": [...],           # produce -> list sent, median over the interval (s)
@@ -27,7 +30,7 @@ should keep its period whatever the loop does; the sampler reads only thread-saf
         "outputs_acknowledged": [...],      # recommendations acknowledged by the broker (total)
         "outputs_failed": [...],            # recommendation sends failed + given up (total)
         "hr_published": [...],              # HR@K of the lists this service published, over the
-        "hr_popularity": [...],             #   interval's target events; of the popular top-K
+        "hr_popularity": [...],             #   interval's target events; of popularity's lists beside them
         "hr_events": [...]                  # target events those rates are over (interval)
       },
       "keyed": {                    # name -> key -> a series as above
@@ -42,7 +45,8 @@ should keep its period whatever the loop does; the sampler reads only thread-saf
                                     # buckets); le null is +Inf
     }
 
-Its size depends only on `points` and the number of series.
+Its size depends only on `points` and the number of series (with ``since``: on the samples taken
+after T; the histogram is always whole).
 """
 
 from __future__ import annotations
@@ -206,10 +210,13 @@ class Timeline:
         series.append((now, value))
 
     # ----------------------------------------------------------------------------- output
-    def to_json(self) -> dict[str, Any]:
-        """The history in the schema of the module docstring (plain values, JSON-ready)."""
+    def to_json(self, since: float | None = None) -> dict[str, Any]:
+        """The history in the schema of the module docstring (plain values, JSON-ready); with
+        `since` (unix s, as an answer's ``now``) only the points and drifts after it."""
+        after = -math.inf if since is None else since
+
         def points(series: deque[Point]) -> list[list[float | None]]:
-            return [[_rounded(t, TIME_DIGITS), _rounded(v)] for t, v in series]
+            return [[at, _rounded(v)] for t, v in series if (at := _rounded(t, TIME_DIGITS)) > after]
 
         with self._lock:
             bounds, cumulative = self._histogram
@@ -221,7 +228,9 @@ class Timeline:
                 "series": {name: points(series) for name, series in self._series.items()},
                 "keyed": {name: {key: points(series) for key, series in sorted(group.items())}
                           for name, group in self._keyed.items()},
-                "drifts": [[_rounded(t, TIME_DIGITS), behaviour, n] for t, behaviour, n in self._drifts],
+                "since": since,
+                "drifts": [[at, behaviour, n] for t, behaviour, n in self._drifts
+                           if (at := _rounded(t, TIME_DIGITS)) > after],
                 "freshness_histogram": {"le": [_rounded(b) for b in bounds], "count": per_bucket},
             }
 

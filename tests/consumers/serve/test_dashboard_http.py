@@ -76,6 +76,20 @@ def test_timeline_endpoint_serves_its_json(dashboard: tuple[str, Timeline]) -> N
     assert data["series"]["outputs_acknowledged"][0][1] == 2
 
 
+def test_timeline_endpoint_since(dashboard: tuple[str, Timeline]) -> None:
+    address, timeline = dashboard
+    now = json.loads(get(address + "/api/timeline")[2])["now"]
+    status, _, body = get(f"{address}/api/timeline?since={now}")
+    assert status == 200
+    data = json.loads(body)
+    assert data["since"] == now and data["series"]["events_per_s"] == []
+    assert data == json.loads(json.dumps(timeline.to_json(now)))
+    for bad in ("x", "nan", "inf", "", "1&since=2"):
+        status, headers, body = get(f"{address}/api/timeline?since={bad}")
+        assert status == 400 and headers["Content-Type"] == "application/json", bad
+        assert "since must be one finite number" in json.loads(body)["error"]
+
+
 def test_timeline_endpoint_is_absent_without_a_timeline() -> None:
     server = TelemetryServer(ServiceMetrics(10.0), lambda: (True, {}), HOST, free_port(HOST)).start()
     try:

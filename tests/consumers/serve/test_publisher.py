@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from consumers.serve.published_hits import PublishedHits
 from consumers.serve.publisher import Publisher
 from consumers.serve.ranking import PopularItems, exclusions, ranked_lists
 from consumers.serve.service import open_store
@@ -30,7 +31,7 @@ class Producer:
             on_ack(None)  # acknowledged at once
 
 
-def make_publisher(**serve) -> tuple[Publisher, Producer]:
+def make_publisher(hits: PublishedHits | None = None, **serve) -> tuple[Publisher, Producer]:
     settings = CasmSettings(
         store={"path": ":memory:", "sequence_length": 6},
         model={"max_len": 5},
@@ -39,7 +40,7 @@ def make_publisher(**serve) -> tuple[Publisher, Producer]:
     )
     store = open_store(settings)
     producer = Producer()
-    publisher = Publisher(settings, store, producer, ServingModel(settings), ServiceMetrics(10.0), None)
+    publisher = Publisher(settings, store, producer, ServingModel(settings), ServiceMetrics(10.0), None, hits=hits)
     return publisher, producer
 
 
@@ -98,6 +99,20 @@ def test_popularity_lists_honour_each_users_exclusions(recommender: str) -> None
     assert ids(lists["v"]) == ["x", "y", "z"]
     assert ids(lists["t"]) == ids(lists["nobody"]) == ["x", "y", "z", "w"]  # nothing excluded: the shared list
     assert [item.score for item in lists["t"].items] == [7.0, 6.0, 5.0, 4.0]  # counts, as before
+
+
+def test_the_published_hr_judges_popularity_with_the_same_exclusions() -> None:
+    hits = PublishedHits(10)
+    publisher, producer = make_publisher(hits, recommender="recent", exclude_behaviours=["buy"])
+    apply(publisher, POPULAR + [("u", "x", "buy"), ("u", "a", "pv"), ("t", "b", "pv")])
+    lists = published(publisher, producer, ["u", "t"])
+    assert ids(lists["u"]) == ["a", "y", "z", "w"] and ids(lists["t"]) == ["b", "x", "y", "z"]
+    # Target events (in the store's order; judged against the lists just acknowledged): popularity's
+    # list for u lacks x (bought), as the served list does; t's has it.
+    hits.observe(["u", "u", "t", "t"], ["x", "w", "x", "w"])
+    totals = hits.totals()
+    assert (totals.hits, totals.misses) == (2, 2)  # u's w and t's x listed; u's x excluded, t's w not listed
+    assert totals.popular_hits == 3  # u: w (popularity's y, z, w, .. without x); t: x and w (x, y, z, w)
 
 
 def test_popular_items_share_one_list_unless_an_exclusion_hits_it() -> None:

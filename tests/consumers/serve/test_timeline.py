@@ -93,19 +93,39 @@ def test_memory_and_payload_stay_bounded_over_a_long_run() -> None:
     assert data["series"]["hr_published"][-1][1] == 1.0
 
 
+def test_since_answers_only_the_points_after_it() -> None:
+    metrics = metrics_with_delivery({})
+    timeline = Timeline(metrics, EVERY_S, POINTS, TOPIC)
+    for step in range(3):
+        metrics.count_applied(10)
+        metrics.alpha.labels("pv").set(0.1 * step)
+        metrics.drifts.labels("pv", "loss", "adwin").inc()
+        timeline.sample(START + step * EVERY_S)
+    whole = timeline.to_json()
+    assert whole["since"] is None and len(whole["series"]["events_per_s"]) == 3
+    newer = timeline.to_json(since=START + EVERY_S)
+    assert newer["since"] == START + EVERY_S and newer["now"] == whole["now"]
+    assert all(series == whole["series"][name][2:] for name, series in newer["series"].items())
+    assert newer["keyed"]["alpha"]["pv"] == whole["keyed"]["alpha"]["pv"][2:]
+    assert newer["drifts"] == whole["drifts"][2:]
+    assert newer["freshness_histogram"] == whole["freshness_histogram"]  # always whole
+    latest = timeline.to_json(since=whole["now"])  # a client polling faster than the samples
+    assert all(series == [] for series in latest["series"].values()) and latest["drifts"] == []
+    assert timeline.to_json(since=START - 1.0)["series"] == whole["series"]
+
+
 def test_hit_rates_per_interval_beside_popularity() -> None:
     metrics = metrics_with_delivery({})
     hits = PublishedHits(100)
     timeline = Timeline(metrics, EVERY_S, POINTS, TOPIC, hits)
-    hits.published("u1", ["a", "b"], 1.0)
-    hits.published("u2", ["c"], 1.0)
-    hits.set_popular(["a", "c", "z"])
+    hits.published("u1", ["a", "b"], 1.0, popular=["a", "c", "y"])
+    hits.published("u2", ["c"], 1.0, popular=["c", "z"])
     hits.observe(["u1", "u1", "u2", "u2", "cold"], ["a", "x", "c", "z", "a"])
     timeline.sample(START)
     timeline.sample(START + EVERY_S)
     series = timeline.to_json()["series"]
     assert series["hr_published"][0][1] == pytest.approx(0.5)  # a and c hit; x and z missed
-    assert series["hr_popularity"][0][1] == pytest.approx(0.75)  # a, c, z popular
+    assert series["hr_popularity"][0][1] == pytest.approx(0.75)  # a, c and z in the users' popularity lists
     assert series["hr_events"][0][1] == 4  # the cold user is not counted
     assert series["hr_published"][1][1] is None
 
