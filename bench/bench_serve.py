@@ -111,7 +111,7 @@ def bench_ingest(args: argparse.Namespace) -> dict:
 def bench_freshness(args: argparse.Namespace) -> dict:
     with TemporaryDirectory() as tmp, EmbeddedBroker(BrokerConfig()) as broker:
         folder = Path(tmp)
-        settings = settings_for(folder, broker.bootstrap)
+        settings = settings_for(folder, broker.bootstrap, recommender=args.recommender)
         ensure_topics(broker.bootstrap, settings.kafka, settings.topics)
         events = generate(SyntheticConfig(n_events=args.events, seed=2)).events
         result = run_live(settings, broker.bootstrap, events, parse_pacing(None, f"{args.rate}/s", False),
@@ -120,6 +120,7 @@ def bench_freshness(args: argparse.Namespace) -> dict:
     return {
         "events": args.events,
         "rate_events_per_s": args.rate,
+        "recommender": args.recommender,
         "fine_tunes": result.serve.get("fine_tunes"),
         "recommendations": pq.get("freshness_count"),
         "freshness_p50_ms": round(pq.get("freshness_p50_ms", float("nan")), 1),
@@ -236,13 +237,17 @@ def main() -> None:
     parser.add_argument("--timeline-every-s", type=float, default=0.5, help="memory: serve.timeline_every_s")
     parser.add_argument("--no-signals", action="store_true",
                         help="ingest: without test-then-train ranking and drift detection (drift.enabled=false)")
+    parser.add_argument("--recommender", choices=["casm", "popularity", "recent"], default="casm",
+                        help="freshness: serve.recommender (popularity and recent: no model, no trainer)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
+    before = round(os.getloadavg()[0], 2)
     defaults = {"ingest": 200_000, "freshness": 60_000, "memory": 1_000_000, "refresh": 0}
     args.events = args.events or defaults[args.what]
     args.users = args.users or (256 if args.what == "refresh" else 20_000)
     result = {"ingest": bench_ingest, "freshness": bench_freshness, "memory": bench_memory,
               "refresh": bench_refresh}[args.what](args)
+    result["load_average_1m_before"] = before
     result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
     if args.json:

@@ -12,7 +12,7 @@ assigned; the revocation has already applied and committed the batches in hand, 
    the changelog's high watermark the local file is current and nothing is read, else the
    records from there on are applied, through the store's exactly-once rules (a partition's
    records carry its input offsets, so what the file holds already is dropped as a redelivery);
-   A file that is not a prefix of its partition's changelog (a zombie's commit: see
+   a file that is not a prefix of its partition's changelog (a zombie's commit: see
    `stream.changelog`) is detected by the records' chain, and that partition is released and
    restored from the changelog's start;
 3. the users restored are queued for a refresh: their newest events may have no published list
@@ -109,7 +109,8 @@ class PartitionStates:
         the changelog's start.
 
         Raises:
-            ChangelogGap: the changelog itself lacks records (deleted by its retention).
+            ChangelogGap: the changelog itself lacks records (deleted by its retention, or state
+                written before the changelog).
         """
         applied, users, gaps = self._read(partitions, self.store.offsets(self.changelog), self.store.offsets(self.source))
         if gaps:
