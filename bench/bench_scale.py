@@ -20,14 +20,13 @@ alone on an idle machine: the load average before and after is part of the resul
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
 import pyarrow as pa
+from bench_report import run_and_report  # (bench/ is on the path: these run as scripts)
 
 from consumers.evaluation.live import ServeProcess
 from consumers.serve.changelog_writer import ChangelogWriter
@@ -190,13 +189,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2_000, help="restore: events per applied batch (changelog record)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
-    before = round(os.getloadavg()[0], 2)
-    result = {"instances": bench_instances, "restore": bench_restore}[args.what](args)
-    result["load_average_1m_before"] = before
-    result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    run_and_report(lambda: {"instances": bench_instances, "restore": bench_restore}[args.what](args), args.json)
 
 
 if __name__ == "__main__":

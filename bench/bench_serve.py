@@ -22,8 +22,6 @@ Each prints a JSON result (and writes it to --json); BENCHMARKS.md quotes them w
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import threading
 import time
 import urllib.request
@@ -32,6 +30,7 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 import psutil
+from bench_report import run_and_report  # (bench/ is on the path: these run as scripts)
 
 from consumers.evaluation.live import ServeProcess, run_live
 from consumers.settings import CasmSettings
@@ -241,17 +240,12 @@ def main() -> None:
                         help="freshness: serve.recommender (popularity and recent: no model, no trainer)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
-    before = round(os.getloadavg()[0], 2)
     defaults = {"ingest": 200_000, "freshness": 60_000, "memory": 1_000_000, "refresh": 0}
     args.events = args.events or defaults[args.what]
     args.users = args.users or (256 if args.what == "refresh" else 20_000)
-    result = {"ingest": bench_ingest, "freshness": bench_freshness, "memory": bench_memory,
-              "refresh": bench_refresh}[args.what](args)
-    result["load_average_1m_before"] = before
-    result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    measure = {"ingest": bench_ingest, "freshness": bench_freshness, "memory": bench_memory,
+               "refresh": bench_refresh}[args.what]
+    run_and_report(lambda: measure(args), args.json)
 
 
 if __name__ == "__main__":
