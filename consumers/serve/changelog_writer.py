@@ -12,6 +12,7 @@ import pyarrow as pa
 from consumers.settings import CasmSettings
 from consumers.telemetry import ServiceMetrics
 from stream.changelog import encode_batch
+from stream.decode import DECODED_SCHEMA
 from stream.delivery import AcknowledgedProducer, wait_all
 
 log = logging.getLogger(__name__)
@@ -55,3 +56,10 @@ class ChangelogWriter:
                 self.metrics.changelog_bytes.inc(len(record.value))
             self.metrics.changelog_records.inc(len(records))
         return written
+
+    def bridge(self, partition: int, stored: int, to: int) -> bool:
+        """Record that input `partition`'s state moves from offset `stored` to `to` without events
+        (an offset reset forward past records that retention deleted): one empty record continuing
+        the chain (`stream.changelog`); True once acknowledged. Without it every reader would see
+        the next record start past its state."""
+        return self.write(DECODED_SCHEMA.empty_table(), {(self.source, partition): to}, {partition: stored}) is not None

@@ -14,7 +14,12 @@ topic, partition, the stored offset and the log's range; the gauge ``casm_offset
 * ``fail`` (default): consumption of the partition stops (paused) until an operator acts (restores
   the topic, or restarts with ``reset-earliest``); nothing is applied from it, nothing is lost.
 * ``reset-earliest``: the store's offset of the partition is reset to the log start (recorded in
-  the store's ``offset_resets``) and the partition is read from there.
+  the store's ``offset_resets``) and the partition is read from there. Scale-out, ingest role: a
+  reset forward is first written to the changelog (`before_reset`: an empty record from the
+  stored offset to the log start, acknowledged), so that its readers' chain stays whole; when
+  that cannot be done, the partition is stopped as under ``fail``. So is a reset backward (a
+  recreated topic, offsets counted again from 0): the changelog's readers could not tell its
+  records from repeats; with scale-out, replay the log into fresh files instead.
 
 Under ``fail`` a stopped partition stays stopped for the life of the process, across reassignments.
 Known limit: a recreated partition that has already received more records than our stored offset
@@ -25,6 +30,7 @@ in range, and the records below the stored offset are not read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kafka import KafkaConsumer, TopicPartition
@@ -56,11 +62,15 @@ class OutOfRange:
 class OffsetGuard:
     """Checks the consumer's positions against the partitions' logs (see the module doc)."""
 
-    def __init__(self, consumer: KafkaConsumer, store: StateStore, policy: str, metrics: ServiceMetrics) -> None:
+    def __init__(self, consumer: KafkaConsumer, store: StateStore, policy: str, metrics: ServiceMetrics,
+                 before_reset: Callable[[str, int, int], bool] | None = None) -> None:
+        """`before_reset(topic, partition, to_offset)`: called before a ``reset-earliest`` reset;
+        False stops the partition instead (see the module docstring)."""
         self.consumer = consumer
         self.store = store
         self.policy = policy
         self.metrics = metrics
+        self.before_reset = before_reset
         self.stopped: dict[TopicPartition, OutOfRange] = {}
         self.resets: list[OutOfRange] = []
 
@@ -103,18 +113,23 @@ class OffsetGuard:
 
     def _out_of_range(self, found: OutOfRange) -> None:
         tp = TopicPartition(found.topic, found.partition)
+        start = found.log_start or 0
         if self.policy == "reset-earliest":
-            start = found.log_start or 0
-            log.error("offset out of range: %s; kafka.offset_out_of_range=reset-earliest: reading the partition's "
-                      "new log from offset %d (the reset is recorded in the store)", found.describe(), start)
-            self.store.reset_offset(found.topic, found.partition, start, f"out of range: {found.describe()}")
-            self.consumer.seek(tp, start)
-            self.metrics.offset_resets.labels(found.topic, str(found.partition)).inc()
-            self.resets.append(found)
-            return
-        log.error("offset out of range: %s; kafka.offset_out_of_range=fail: consumption of the partition is "
-                  "stopped (restore the topic, or restart with --kafka.offset-out-of-range reset-earliest to "
-                  "read its new log from the start)", found.describe())
+            if self.before_reset is None or self.before_reset(found.topic, found.partition, start):
+                log.error("offset out of range: %s; kafka.offset_out_of_range=reset-earliest: reading the "
+                          "partition's new log from offset %d (the reset is recorded in the store)",
+                          found.describe(), start)
+                self.store.reset_offset(found.topic, found.partition, start, f"out of range: {found.describe()}")
+                self.consumer.seek(tp, start)
+                self.metrics.offset_resets.labels(found.topic, str(found.partition)).inc()
+                self.resets.append(found)
+                return
+            log.error("offset out of range: %s; the reset to offset %d could not be written to the changelog "
+                      "first: consumption of the partition is stopped", found.describe(), start)
+        else:
+            log.error("offset out of range: %s; kafka.offset_out_of_range=fail: consumption of the partition is "
+                      "stopped (restore the topic, or restart with --kafka.offset-out-of-range reset-earliest to "
+                      "read its new log from the start)", found.describe())
         self.consumer.pause(tp)
         self.stopped[tp] = found
         self.metrics.offset_out_of_range.labels(found.topic, str(found.partition)).set(1)

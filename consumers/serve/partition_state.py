@@ -117,7 +117,7 @@ class PartitionStates:
             for partition, gap in sorted(gaps.items()):
                 log.warning("partition %d: the file is not a prefix of its changelog (%s); restoring it from the "
                             "changelog's start", partition, gap)
-            self.store.release([(topic, p) for p in gaps for topic in (self.source, self.changelog)])
+            self._release(sorted(gaps))  # (its users' pending lists too: they are refreshed after the rebuild)
             self.metrics.changelog_gaps.inc(len(gaps))
             again, more_users, still = self._read(sorted(gaps), {}, {})
             if still:

@@ -165,12 +165,12 @@ class Service:
             self.hits = PublishedHits(self.cfg.hit_users) if self.role != "trainer" else None
             self.publisher = Publisher(settings, self.store, self.producer, self.serving, self.metrics, self.signals,
                                        lists=self.role != "trainer", hits=self.hits)
+            self.changelog_writer = (ChangelogWriter(settings, self.producer, self.metrics)
+                                     if self.role == "ingest" else None)
             self.stage = ApplyStage(settings, self.store, self.validator, self.dead_letters, self.metrics,
                                     self.publisher, self.serving, self.signals, self.trainer,
                                     self.store.stats()["events_applied"], self.report,
-                                    changelog=ChangelogWriter(settings, self.producer, self.metrics)
-                                    if self.role == "ingest" else None,
-                                    check_conflicts=self.role != "trainer")
+                                    changelog=self.changelog_writer, check_conflicts=self.role != "trainer")
             self.partition_states = (PartitionStates(settings, bootstrap, self.store, self.publisher, self.metrics)
                                      if self.role == "ingest" else None)
             self._changelog = ChangelogDecoder()  # trainer role: reset at every assignment and rewind
@@ -186,7 +186,8 @@ class Service:
             self.instance = instance_id(settings)
             self.status = StatusReporter(self.producer, self.topics.status, settings.scale.status_every_s,
                                          self._status_snapshot)
-            self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics)
+            self.offset_guard = OffsetGuard(self.consumer, self.store, settings.kafka.offset_out_of_range, self.metrics,
+                                            before_reset=self._bridge_reset if self.changelog_writer is not None else None)
             self.timeline = Timeline(self.metrics, self.cfg.timeline_every_s, self.cfg.timeline_points,
                                      self.topics.recommendations, self.hits)
             self.telemetry: TelemetryServer | None = None
@@ -221,6 +222,20 @@ class Service:
         if behind:
             log.info("%d users have applied events without a published recommendation: refreshing them", len(behind))
             self.publisher.touch(behind, time.monotonic())
+
+    def _bridge_reset(self, topic: str, partition: int, to_offset: int) -> bool:
+        """Ingest role, before an offset reset: the batches in hand applied (their records come
+        first), then a reset forward written to the changelog (`ChangelogWriter.bridge`). A reset
+        backward is refused: the changelog's readers would drop the new log's first offsets as
+        repeats of the old one's."""
+        if not self.stage.drain(self.cfg.worker_timeout_s):
+            return False
+        stored = self.store.offsets(topic).get(partition, 0)
+        if to_offset < stored:
+            log.error("%s[%d]: a reset backward (to %d from %d) cannot be carried by the changelog; replay the log "
+                      "into fresh files instead", topic, partition, to_offset, stored)
+            return False
+        return to_offset == stored or self.changelog_writer.bridge(partition, stored, to_offset)
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Finish the batches in hand: their offsets are in the store before anyone reads them."""
