@@ -10,7 +10,8 @@
   store, with training on and refresh on (and, unless --no-signals, test-then-train ranking and
   drift detection). Reports the ratio.
 - freshness: `casm serve` fed at a steady rate while it fine-tunes; the distribution of event
-  produce time -> refreshed recommendation published.
+  produce time -> refreshed recommendation published (`--recommender popularity`: the same path
+  without a model, the pipeline's own cost).
 - memory: a long synthetic run; the serve process's RSS sampled along the way and its peak, and
   the size of the dashboard's /api/timeline answer (its history small enough to fill up early).
 - refresh: users per second the serving path scores (the publisher's cost per list), with the
