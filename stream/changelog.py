@@ -37,6 +37,7 @@ import io
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +62,8 @@ class ChangelogError(ValueError):
 class ChangelogGap(ChangelogError):
     """A record that does not continue the reader's state (see the module docstring)."""
 
-    def __init__(self, record: object, source: tuple[str, int], first: int, seen: int) -> None:
+    def __init__(self, record: Any, source: tuple[str, int], first: int, seen: int) -> None:
+        """`record`: the kafka-python ConsumerRecord that does not continue the state."""
         self.source, self.first, self.seen = source, first, seen
         super().__init__(
             f"{record.topic}[{record.partition}]@{record.offset} continues {source[0]}[{source[1]}] from input "
